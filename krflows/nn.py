@@ -1,0 +1,77 @@
+r"""Masked autoregressive conditioners (MADE, Germain et al. 2015) in a fixed variable order.
+
+A :class:`MaskedMLP` maps ``z`` of shape ``(*, d)`` to parameters ``(*, d, P)`` such that
+the parameters of coordinate ``k`` depend on ``z_1..z_{k-1}`` only (strictly), always in
+the identity order: krflows applies a user's variable order once, outside the flow, so
+that every layer shares it and the composite stays lower triangular.
+
+Written here rather than taken from nflows' ``MADE``: that one ties every hidden layer
+to one width with residual blocks, interleaves the outputs per feature, and has no
+zero-initialised output (which krflows uses to start every flow at the identity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["MaskedLinear", "MaskedMLP"]
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer whose weight is multiplied by a fixed 0/1 mask ``(out, in)``."""
+
+    def __init__(self, mask: Tensor, bias: bool = True):
+        super().__init__(mask.shape[1], mask.shape[0], bias=bias)
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class MaskedMLP(nn.Module):
+    r"""Autoregressive network ``z (*, d) -> params (*, d, P)``; ``params[..., k, :]`` sees ``z_{<k}``.
+
+    Arguments:
+        dim: ``d``.
+        n_params: ``P``, parameters per coordinate.
+        hidden: widths of the hidden layers, e.g. ``(64, 64)``.
+        activation: a module class, default :class:`torch.nn.SiLU` (smooth, so the
+            flow is smooth in ``z``).
+        bound: outputs are soft-clamped to ``(-bound, bound)`` by ``bound * tanh(o / bound)``,
+            which bounds every layer's slope and shift: no input or weight can overflow
+            a deep flow, and the slope a layer can reach is an explicit capacity limit.
+
+    The output layer starts at zero, so the parameters start at zero.
+
+    Example:
+        >>> net = MaskedMLP(3, n_params=2, hidden=(16,))
+        >>> net(torch.randn(5, 3)).shape
+        torch.Size([5, 3, 2])
+    """
+
+    def __init__(self, dim: int, n_params: int, hidden: Sequence[int] = (64, 64),
+                 activation: type[nn.Module] = nn.SiLU, bound: float = 8.0):
+        super().__init__()
+        self.dim, self.n_params, self.bound = dim, n_params, bound
+        in_deg = torch.arange(1, dim + 1)
+        layers: list[nn.Module] = []
+        prev = in_deg
+        for width in hidden:
+            # hidden degrees cycle through 1..d-1 (a unit of degree m sees z_1..z_m)
+            deg = torch.arange(width) % max(dim - 1, 1) + 1
+            layers += [MaskedLinear((deg[:, None] >= prev[None, :]).float()), activation()]
+            prev = deg
+        out_deg = in_deg.repeat_interleave(n_params)  # coordinate-major: index k * P + p
+        self.hidden = nn.Sequential(*layers)
+        self.out = MaskedLinear((out_deg[:, None] > prev[None, :]).float())
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, z: Tensor) -> Tensor:
+        out = self.out(self.hidden(z))
+        return (self.bound * torch.tanh(out / self.bound)).unflatten(-1, (self.dim, self.n_params))

@@ -1,0 +1,20 @@
+"""Plain ``torch.distributions.Transform``s (the math): monotone 1-D families, the triangular
+layer, affine maps and composition. All maps go ``z -> x``."""
+
+from krflows.transforms.autoregressive import AutoregressiveTransform
+from krflows.transforms.base import ComposeTriangular, Permutation, TriangularTransform
+from krflows.transforms.linear import AffineMatrixTransform, LowerAffineTransform
+from krflows.transforms.monotone import (
+    FAMILIES,
+    Affine,
+    Bernstein,
+    Integrated,
+    MonotoneFamily,
+    Spline,
+)
+
+__all__ = [
+    "TriangularTransform", "ComposeTriangular", "Permutation", "AutoregressiveTransform",
+    "LowerAffineTransform", "AffineMatrixTransform", "MonotoneFamily", "Affine", "Spline",
+    "Bernstein", "Integrated", "FAMILIES",
+]

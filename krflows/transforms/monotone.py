@@ -1,0 +1,261 @@
+r"""Monotone 1-D families ``x = f(z; θ)``, strictly increasing in ``z`` by construction.
+
+Each family is pure math: ``forward(z, params)`` and ``inverse(x, params)`` act
+elementwise on ``z`` of shape ``(*)`` with parameters ``(*, P)`` and return the value
+together with ``log f'`` (always the derivative of the forward map ``z -> x``).
+
+All families are defined on the whole real line: a box ``[-B, B]`` carries the flexible
+part and outside it the map continues linearly, so no input gives NaN (nflows' splines
+are undefined outside their box with ``tails=None``, nflows#87). Every family maps all
+zero parameters to the identity, so a conditioner whose last layer starts at zero makes
+the flow start at the identity. Slopes are bounded below by ``min_slope``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from krflows.inverse import solve_monotone
+
+__all__ = ["MonotoneFamily", "Affine", "Spline", "Bernstein", "Integrated", "FAMILIES"]
+
+
+def _positive(u: Tensor, floor: float) -> Tensor:
+    """``floor + softplus(u + c)`` with ``c`` chosen so that ``u = 0`` gives exactly 1."""
+    c = math.log(math.expm1(1.0 - floor))
+    return floor + F.softplus(u + c)
+
+
+class MonotoneFamily:
+    """Base class: a family of strictly increasing maps ``R -> R``, ``z -> x``."""
+
+    #: number of parameters per coordinate
+    n_params: int
+    #: "analytic" or "root finding (bracketed Newton)"
+    inverse_method: str = "analytic"
+
+    def forward(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns ``x = f(z)`` and ``log f'(z)``; ``z`` is ``(*)``, ``params`` ``(*, P)``."""
+        raise NotImplementedError
+
+    def inverse(self, x: Tensor, params: Tensor, guess: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """Returns ``z = f^{-1}(x)`` and ``log f'(z)``; ``guess`` may warm-start a root finder."""
+        z, _ = solve_monotone(self.forward, x, params, -self.bound, self.bound, guess=guess)
+        return z, self.forward(z, params)[1]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class Affine(MonotoneFamily):
+    r"""``x = a + s z`` with ``s = floor + softplus(u + c) > 0``: the Gaussian-exact family.
+
+    Parameters per coordinate: ``(a, u)``.
+    """
+
+    n_params = 2
+
+    def __init__(self, min_slope: float = 1e-3):
+        self.min_slope = min_slope
+
+    def _unpack(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        return params[..., 0], _positive(params[..., 1], self.min_slope)
+
+    def forward(self, z, params):
+        a, s = self._unpack(params)
+        return a + s * z, torch.log(s)
+
+    def inverse(self, x, params, guess=None):
+        a, s = self._unpack(params)
+        return (x - a) / s, torch.log(s)
+
+
+class Spline(MonotoneFamily):
+    r"""Monotone rational-quadratic spline on ``[-B, B]`` with linear tails (Durkan et al., 2019).
+
+    ``bins`` bins with widths ``w_k``, heights ``h_k`` and knot slopes ``δ_0..δ_K``. In bin
+    ``k`` with :math:`\xi = (z - z_k)/w_k` and :math:`s_k = h_k/w_k`,
+
+    .. math:: x = x_k + h_k \frac{s_k \xi^2 + \delta_k \xi(1-\xi)}
+                                   {s_k + (\delta_{k+1} + \delta_k - 2 s_k)\xi(1-\xi)} .
+
+    Outside the box the map is linear with the boundary slopes ``δ_0``, ``δ_K`` (learned),
+    so it is defined and invertible on all of ``R``. Inverse: the closed-form root of the
+    bin's quadratic. Parameters per coordinate: ``3 * bins + 1``.
+
+    Written here instead of calling nflows' kernel: nflows scatters inside/outside
+    points through boolean masks (several copies and small kernels per call) and pins the
+    boundary slopes to 1; this version evaluates every point with the same branch-free
+    arithmetic. tests/test_transforms.py checks it against nflows' kernel inside the box.
+    """
+
+    def __init__(self, bins: int = 8, bound: float = 5.0, min_width: float = 1e-3,
+                 min_slope: float = 1e-3):
+        self.bins, self.bound = bins, bound
+        self.min_width, self.min_slope = min_width, min_slope
+        self.n_params = 3 * bins + 1
+
+    def _knots(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        K, B, m = self.bins, self.bound, self.min_width
+        w = m + (1 - K * m) * torch.softmax(params[..., :K], dim=-1)
+        h = m + (1 - K * m) * torch.softmax(params[..., K:2 * K], dim=-1)
+        delta = _positive(params[..., 2 * K:], self.min_slope)
+        xk = F.pad(torch.cumsum(w, -1), (1, 0)) * (2 * B) - B
+        yk = F.pad(torch.cumsum(h, -1), (1, 0)) * (2 * B) - B
+        return xk, yk, delta
+
+    @staticmethod
+    def _bin(knots: Tensor, v: Tensor) -> Tensor:
+        # Counting interior knots below v beats searchsorted for a handful of bins.
+        return (v.unsqueeze(-1) >= knots[..., 1:-1]).sum(-1, keepdim=True)
+
+    @staticmethod
+    def _gather(idx: Tensor, xk: Tensor, yk: Tensor, delta: Tensor):
+        x0, x1 = xk.gather(-1, idx), xk.gather(-1, idx + 1)
+        y0, y1 = yk.gather(-1, idx), yk.gather(-1, idx + 1)
+        d0, d1 = delta.gather(-1, idx), delta.gather(-1, idx + 1)
+        return [t.squeeze(-1) for t in (x0, x1 - x0, y0, y1 - y0, d0, d1)]
+
+    def _tails(self, delta: Tensor) -> tuple[Tensor, Tensor]:
+        return delta[..., 0], delta[..., -1]
+
+    def forward(self, z, params):
+        B = self.bound
+        xk, yk, delta = self._knots(params)
+        zc = z.clamp(-B, B)  # the inside formula only ever sees in-box values: no NaN
+        x0, w, y0, h, d0, d1 = self._gather(self._bin(xk, zc), xk, yk, delta)
+        s = h / w
+        xi = ((zc - x0) / w).clamp(0, 1)
+        t = xi * (1 - xi)
+        den = s + (d1 + d0 - 2 * s) * t
+        x_in = y0 + h * (s * xi * xi + d0 * t) / den
+        log_in = 2 * torch.log(s) + torch.log(d1 * xi * xi + 2 * s * t + d0 * (1 - xi) ** 2) \
+            - 2 * torch.log(den)
+        lo, hi = self._tails(delta)
+        x = torch.where(z < -B, -B + lo * (z + B), torch.where(z > B, B + hi * (z - B), x_in))
+        log_d = torch.where(z < -B, torch.log(lo), torch.where(z > B, torch.log(hi), log_in))
+        return x, log_d
+
+    def inverse(self, x, params, guess=None):
+        B = self.bound
+        xk, yk, delta = self._knots(params)
+        xc = x.clamp(-B, B)
+        x0, w, y0, h, d0, d1 = self._gather(self._bin(yk, xc), xk, yk, delta)
+        s = h / w
+        r = xc - y0
+        c1 = d1 + d0 - 2 * s
+        a = h * (s - d0) + r * c1
+        b = h * d0 - r * c1
+        c = -s * r
+        disc = (b * b - 4 * a * c).clamp_min(0)
+        xi = ((2 * c) / (-b - torch.sqrt(disc))).clamp(0, 1)
+        z_in = x0 + xi * w
+        t = xi * (1 - xi)
+        den = s + c1 * t
+        log_in = 2 * torch.log(s) + torch.log(d1 * xi * xi + 2 * s * t + d0 * (1 - xi) ** 2) \
+            - 2 * torch.log(den)
+        lo, hi = self._tails(delta)
+        z = torch.where(x < -B, -B + (x + B) / lo, torch.where(x > B, B + (x - B) / hi, z_in))
+        log_d = torch.where(x < -B, torch.log(lo), torch.where(x > B, torch.log(hi), log_in))
+        return z, log_d
+
+
+class Bernstein(MonotoneFamily):
+    r"""Monotone Bernstein polynomial on ``[-B, B]`` with linear tails.
+
+    With :math:`u = (z + B) / 2B` and increasing coefficients :math:`\theta_0 < \dots < \theta_M`,
+
+    .. math:: x = \sum_{k=0}^M \theta_k \binom{M}{k} u^k (1-u)^{M-k}, \qquad
+              \frac{dx}{dz} = \frac{M}{2B} \sum_{k=0}^{M-1} (\theta_{k+1} - \theta_k)
+              \binom{M-1}{k} u^k (1-u)^{M-1-k} > 0 .
+
+    ``θ_0 = -B + a`` and increments ``θ_{k+1} - θ_k = (2B/M)·(floor + softplus(·))``; outside
+    the box the map continues linearly with the boundary slope. Inverse: bracketed Newton
+    root finding (:func:`krflows.inverse.solve_monotone`). Parameters: ``degree + 1``.
+    """
+
+    inverse_method = "root finding (bracketed Newton)"
+
+    def __init__(self, degree: int = 10, bound: float = 5.0, min_slope: float = 1e-3):
+        self.degree, self.bound, self.min_slope = degree, bound, min_slope
+        self.n_params = degree + 1
+
+    def _basis(self, u: Tensor, n: int) -> Tensor:
+        k = torch.arange(n + 1, dtype=u.dtype, device=u.device)
+        binom = torch.exp(torch.lgamma(k.new_tensor(n + 1.0)) - torch.lgamma(k + 1)
+                          - torch.lgamma(n - k + 1))
+        u = u.unsqueeze(-1)
+        return binom * u**k * (1 - u) ** (n - k)
+
+    def forward(self, z, params):
+        M, B = self.degree, self.bound
+        inc = (2 * B / M) * _positive(params[..., 1:], self.min_slope)
+        theta = torch.cat([params[..., :1] - B, params[..., :1] - B + torch.cumsum(inc, -1)], -1)
+        zc = z.clamp(-B, B)
+        u = (zc + B) / (2 * B)
+        x_in = (theta * self._basis(u, M)).sum(-1)
+        slope = (M / (2 * B)) * (inc * self._basis(u, M - 1)).sum(-1)
+        x = x_in + slope * (z - zc)  # linear continuation outside the box
+        return x, torch.log(slope)
+
+
+class Integrated(MonotoneFamily):
+    r"""``x = c + ∫_0^z g(t) dt`` with a positive integrand, evaluated by Gauss–Legendre quadrature.
+
+    The integrand is a rectified (squared) Legendre expansion with a floor, as in
+    sum-of-squares polynomial flows and MParT's integrated maps:
+
+    .. math:: g(t) = \text{floor} + \Big(\sum_{j=0}^{K} a_j P_j(t / B)\Big)^2 ,
+
+    a polynomial of degree ``2K``, so Gauss–Legendre with ``K + 1`` nodes integrates it
+    exactly and ``log dx/dz = log g(z)`` is the exact log-derivative of the computed map.
+    Outside ``[-B, B]`` the integrand is held at its boundary value (linear tails).
+    Inverse: bracketed Newton root finding. Parameters: ``c, a_0..a_K`` (``K + 2``).
+    """
+
+    inverse_method = "root finding (bracketed Newton)"
+
+    def __init__(self, degree: int = 6, bound: float = 5.0, min_slope: float = 1e-3):
+        self.degree, self.bound, self.min_slope = degree, bound, min_slope
+        self.n_params = degree + 2
+        nodes, weights = np.polynomial.legendre.leggauss(degree + 1)
+        self._nodes, self._weights = torch.from_numpy(nodes), torch.from_numpy(weights)
+
+    def _integrand(self, t: Tensor, a: Tensor) -> Tensor:
+        # t: (*, n) points, a: (*, K+1) coefficients -> g(t): (*, n)
+        s = t / self.bound
+        p_prev, p = torch.ones_like(s), s
+        acc = a[..., :1] * p_prev + a[..., 1:2] * p
+        for j in range(1, self.degree):
+            p_prev, p = p, ((2 * j + 1) * s * p - j * p_prev) / (j + 1)
+            acc = acc + a[..., j + 1:j + 2] * p
+        return self.min_slope + acc * acc
+
+    def forward(self, z, params):
+        B = self.bound
+        # a_0 is offset so that zero parameters give g = 1, the identity map.
+        a = torch.cat([params[..., 1:2] + math.sqrt(1 - self.min_slope), params[..., 2:]], -1)
+        zc = z.clamp(-B, B)
+        nodes = self._nodes.to(z)
+        weights = self._weights.to(z)
+        t = zc.unsqueeze(-1) * (1 + nodes) / 2
+        integral = zc / 2 * (self._integrand(t, a) * weights).sum(-1)
+        g_end = self._integrand(zc.unsqueeze(-1), a).squeeze(-1)
+        x = params[..., 0] + integral + (z - zc) * g_end
+        return x, torch.log(g_end)
+
+
+#: name -> family class, for ``KRFlow(transform=NAME)``
+FAMILIES: dict[str, type[MonotoneFamily]] = {
+    "affine": Affine,
+    "spline": Spline,
+    "bernstein": Bernstein,
+    "integrated": Integrated,
+}

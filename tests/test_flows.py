@@ -1,0 +1,164 @@
+"""KRFlow as a distribution: normalization, the triangular structure, extreme inputs, bad input."""
+
+import math
+
+import pytest
+import torch
+from conftest import FAMILY_NAMES, make_flow, randomized
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributions import MultivariateNormal
+
+import krflows
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_log_prob_integrates_to_one_in_1d(family):
+    flow = make_flow(family, 1, std=0.3)
+    x = torch.linspace(-30, 30, 60001, dtype=torch.float64)[:, None]
+    mass = torch.trapezoid(flow.log_prob(x).exp(), x[:, 0])
+    assert abs(mass - 1) <= 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_log_prob_integrates_to_one_in_2d(family):
+    flow = make_flow(family, 2, std=0.2)
+    g = torch.linspace(-14, 14, 701, dtype=torch.float64)
+    X = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1)
+    with torch.no_grad():
+        p = flow.log_prob(X).exp()
+    mass = torch.trapezoid(torch.trapezoid(p, g, dim=1), g)
+    assert abs(mass - 1) <= 1e-3
+
+
+def _gaussian_flow(mean, cov):
+    flow = krflows.KRFlow(len(mean), transform="affine", layers=0).double()
+    flow.affine.initialize(mean, cov)
+    return flow
+
+
+def _gaussian():
+    mean = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    A = torch.tensor([[2.0, 0, 0, 0], [0.8, 1.0, 0, 0], [-0.5, 0.3, 0.7, 0], [0.2, -0.9, 0.4, 1.5]],
+                     dtype=torch.float64)
+    return mean, A @ A.T
+
+
+def test_gaussian_marginals_in_closed_form():
+    mean, cov = _gaussian()
+    flow = _gaussian_flow(mean, cov)
+    x = MultivariateNormal(mean, cov).sample((50,))
+    for k in (1, 2, 3, 4):
+        ref = MultivariateNormal(mean[:k], cov[:k, :k]).log_prob(x[:, :k])
+        assert torch.allclose(flow.marginal_log_prob(x[:, :k]), ref, atol=1e-10)
+    assert flow.sample_marginal((7,), 2).shape == (7, 2)
+
+
+def test_gaussian_conditionals_in_closed_form():
+    mean, cov = _gaussian()
+    flow = _gaussian_flow(mean, cov)
+    k = 2
+    x_head = torch.tensor([0.0, -1.0], dtype=torch.float64)
+    S11, S12, S22 = cov[:k, :k], cov[:k, k:], cov[k:, k:]
+    cond_mean = mean[k:] + S12.T @ torch.linalg.solve(S11, x_head - mean[:k])
+    cond_cov = S22 - S12.T @ torch.linalg.solve(S11, S12)
+    x = flow.sample_conditional(x_head, (40000,))
+    assert torch.equal(x[:, :k], x_head.expand(40000, k))
+    assert torch.allclose(x[:, k:].mean(0), cond_mean, atol=0.03)
+    assert torch.allclose(torch.cov(x[:, k:].T), cond_cov, atol=0.05)
+    y = MultivariateNormal(mean, cov).sample((20,))
+    y[:, :k] = x_head
+    ref = MultivariateNormal(cond_mean, cond_cov).log_prob(y[:, k:])
+    assert torch.allclose(flow.conditional_log_prob(y, k), ref, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["spline", "integrated"])
+def test_marginal_of_a_nonlinear_flow_by_quadrature(family):
+    """q(x_1) = ∫ q(x_1, x_2) dx_2, computed by quadrature, for a flow that is not Gaussian."""
+    flow = make_flow(family, 2, std=0.4)
+    x1 = torch.tensor([-1.0, 0.3, 1.0], dtype=torch.float64)
+    g = torch.linspace(-25, 25, 200001, dtype=torch.float64)  # resolves narrow spikes
+    with torch.no_grad():
+        for a, lm in zip(x1, flow.marginal_log_prob(x1[:, None]), strict=True):
+            pts = torch.stack([a.expand_as(g), g], -1)
+            ref = torch.log(torch.trapezoid(flow.log_prob(pts).exp(), g))
+            assert abs(lm - ref) < 1e-4
+
+
+def test_conditional_samples_of_a_nonlinear_flow():
+    """Conditional draws agree with the conditional density by quadrature (mean and variance)."""
+    flow = make_flow("spline", 2, std=0.4)
+    x_head = torch.tensor([0.5], dtype=torch.float64)
+    g = torch.linspace(-25, 25, 20001, dtype=torch.float64)
+    with torch.no_grad():
+        p = flow.log_prob(torch.stack([x_head.expand_as(g), g], -1)).exp()
+    p = p / torch.trapezoid(p, g)
+    m = torch.trapezoid(g * p, g)
+    v = torch.trapezoid((g - m) ** 2 * p, g)
+    s = flow.sample_conditional(x_head, (40000,))[:, 1]
+    assert abs(s.mean() - m) < 4 * math.sqrt(v / 40000) + 1e-3
+    assert abs(s.var() / v - 1) < 0.05
+
+
+@settings(max_examples=25, deadline=None)
+@given(family=st.sampled_from(FAMILY_NAMES), dtype=st.sampled_from([torch.float32, torch.float64]),
+       std=st.sampled_from([0.1, 1.0, 5.0]), seed=st.integers(0, 1000),
+       zval=st.floats(-50, 50))
+def test_extreme_inputs_give_finite_outputs(family, dtype, std, seed, zval):
+    flow = randomized(krflows.KRFlow(3, transform=family, layers=2, hidden=(16,)),
+                      std=std, seed=seed).to(dtype)
+    z = torch.tensor([[zval, -zval, 50.0], [-50.0, zval, 0.0]], dtype=dtype)
+    with torch.no_grad():
+        x, log_diag = flow.triangular.call_and_log_diag(z)
+        assert torch.isfinite(x).all() and torch.isfinite(log_diag).all()
+        assert torch.isfinite(flow.log_prob(x)).all()
+
+
+def test_float32_round_trip_and_log_prob():
+    flow = randomized(krflows.KRFlow(4, transform="spline", layers=3, hidden=(16,)), std=0.3)
+    x, log_q = flow.rsample_and_log_prob((256,))
+    assert x.dtype == torch.float32
+    assert torch.allclose(flow.log_prob(x), log_q, atol=1e-3)
+    assert flow.inverse_residual(x).max() < 1e-4
+
+
+def test_batch_shapes():
+    flow = make_flow("spline", 3)
+    x = flow.sample((2, 5))
+    assert x.shape == (2, 5, 3)
+    assert flow.log_prob(x).shape == (2, 5)
+    assert flow.sample(4).shape == (4, 3)
+    assert flow.log_prob(x[0, 0]).shape == ()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.zeros(5, 2, dtype=torch.float64), r"shape \(\*, 3\), got \(5, 2\)"),
+    (torch.zeros(5, 3, dtype=torch.int64), "floating dtype"),
+    (torch.tensor([[0.0, float("nan"), 1.0]], dtype=torch.float64), "finite"),
+    (torch.tensor([[0.0, float("inf"), 1.0]], dtype=torch.float64), "finite"),
+    (torch.zeros(5, 3, dtype=torch.float32), "dtype torch.float32 but the flow is torch.float64"),
+    (torch.zeros(3, 1, dtype=torch.float64), r"shape \(\*, 3\), got \(3, 1\)"),
+    ([[0.0, 0.0, 0.0]], "torch.Tensor"),
+])
+def test_bad_input_is_rejected(bad, match):
+    flow = make_flow("spline", 3)
+    with pytest.raises(ValueError, match=match):
+        flow.log_prob(bad)
+
+
+def test_bad_construction_is_rejected():
+    with pytest.raises(ValueError, match="transform must be one of"):
+        krflows.KRFlow(2, transform="nope")
+    with pytest.raises(ValueError, match="permutation"):
+        krflows.KRFlow(3, order=[0, 0, 1])
+    with pytest.raises(ValueError, match="positive int"):
+        krflows.KRFlow(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda():
+    flow = make_flow("spline", 3).cuda()
+    x, log_q = flow.rsample_and_log_prob((128,))
+    assert x.is_cuda and torch.allclose(flow.log_prob(x), log_q, atol=1e-6)

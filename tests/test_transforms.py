@@ -1,0 +1,145 @@
+"""The battery: every triangular map and its inverse, checked the same way in float64.
+
+A new family or layer joins by being added to ``CASES``.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import FAMILY_NAMES, make_flow, randomized
+from torch.autograd.functional import jacobian
+
+import krflows
+from krflows.nn import MaskedMLP
+from krflows.transforms import AutoregressiveTransform, LowerAffineTransform
+from krflows.transforms.monotone import FAMILIES
+
+D = 3
+
+
+def _layer(name):
+    def build():
+        fam = FAMILIES[name]()
+        net = randomized(MaskedMLP(D, fam.n_params, (16,)).double(), std=0.4, seed=1)
+        return AutoregressiveTransform(net, fam, D)
+    return build
+
+
+def _lower_affine():
+    g = torch.Generator().manual_seed(2)
+    L = torch.tril(torch.randn(D, D, generator=g, dtype=torch.float64))
+    L.diagonal().copy_(L.diagonal().abs() + 0.5)
+    return LowerAffineTransform(torch.randn(D, generator=g, dtype=torch.float64), L)
+
+
+CASES = {f"layer-{n}": _layer(n) for n in FAMILY_NAMES}
+CASES["lower-affine"] = _lower_affine
+CASES.update({f"flow-{n}": (lambda n=n: make_flow(n, D).triangular) for n in FAMILY_NAMES})
+
+
+@pytest.fixture(params=sorted(CASES))
+def transform(request):
+    return CASES[request.param]()
+
+
+def _points(n=64, scale=8.0):
+    z = torch.randn(n, D, dtype=torch.float64) * 3
+    return z.clamp(-scale, scale)
+
+
+def test_round_trip(transform):
+    z = _points()
+    z = torch.cat([z, torch.full((1, D), 8.0, dtype=torch.float64),
+                   torch.full((1, D), -8.0, dtype=torch.float64)])
+    x = transform(z)
+    assert (transform.inv(x) - z).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_jacobian_lower_triangular_with_positive_diagonal(transform, i):
+    z = _points(4)[i]
+    J = jacobian(lambda v: transform(v), z)
+    assert torch.all(torch.triu(J, 1) == 0), f"strict upper triangle not zero:\n{J}"
+    assert torch.all(torch.diagonal(J) > 0)
+    _, log_diag = transform.call_and_log_diag(z)
+    assert torch.allclose(log_diag, torch.log(torch.diagonal(J)), atol=1e-6, rtol=0)
+    ladj = transform.log_abs_det_jacobian(z, transform(z))
+    assert abs(ladj - torch.log(torch.diagonal(J)).sum()) <= 1e-6
+
+
+def test_inverse_log_diag_and_jacobian(transform):
+    """The inverse's Jacobian (through implicit gradients) is the inverse of the forward one."""
+    z = _points(2)[0]
+    x = transform(z)
+    J = jacobian(lambda v: transform(v), z)
+    Jinv = jacobian(lambda v: transform.inv(v), x)
+    assert torch.allclose(Jinv @ J, torch.eye(D, dtype=torch.float64), atol=1e-6)
+    _, log_diag = transform.inverse_and_log_diag(x)
+    assert torch.allclose(log_diag, torch.log(torch.diagonal(J)), atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_log_prob_is_change_of_variables(family):
+    flow = make_flow(family, D, order=[2, 0, 1])
+    x = flow.sample((5,))
+    for xi, lp in zip(x, flow.log_prob(x), strict=True):
+        Js = jacobian(flow.inverse, xi)
+        z = flow.inverse(xi)
+        ref = -0.5 * (z @ z) - 0.5 * D * math.log(2 * math.pi) + torch.linalg.slogdet(Js)[1]
+        assert abs(lp - ref) <= 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_order_is_applied_once_outside(family):
+    order = [2, 0, 1]
+    flow = make_flow(family, D, order=order)
+    z = torch.randn(D, dtype=torch.float64)
+    J = jacobian(flow, z)[order]  # rows in flow order
+    assert torch.all(torch.triu(J, 1) == 0)
+    assert (flow.transform.inv(flow.transform(z)) - z).abs().max() < 1e-8
+    assert "order=[2, 0, 1]" in repr(flow)
+
+
+@pytest.mark.parametrize("family", ["bernstein", "integrated"])
+def test_implicit_gradient_matches_finite_differences(family):
+    """Gradients of log q(x) w.r.t. parameters flow through the root finder correctly."""
+    flow = make_flow(family, 2)
+    x = torch.tensor([[0.3, -1.2], [2.0, 0.7]], dtype=torch.float64)
+    p = flow.conditioners[0].out.bias
+    flow.log_prob(x).sum().backward()
+    grad = p.grad.clone()
+    eps = 1e-6
+    for j in range(p.numel()):
+        with torch.no_grad():
+            p.view(-1)[j] += eps
+            up = flow.log_prob(x).sum()
+            p.view(-1)[j] -= 2 * eps
+            down = flow.log_prob(x).sum()
+            p.view(-1)[j] += eps
+        assert abs((up - down) / (2 * eps) - grad.view(-1)[j]) < 1e-5
+
+
+def test_spline_matches_nflows_kernel_inside_the_box():
+    """Oracle: nflows' rational-quadratic kernel (boundary slopes are learned in both)."""
+    splines = pytest.importorskip("nflows.transforms.splines.rational_quadratic")
+    fam = FAMILIES["spline"](bins=8, bound=5.0)
+    g = torch.Generator().manual_seed(3)
+    params = torch.randn(200, fam.n_params, generator=g, dtype=torch.float64)
+    z = (torch.rand(200, generator=g, dtype=torch.float64) * 2 - 1) * 4.99
+    x, log_d = fam.forward(z, params)
+    K = fam.bins
+    c = math.log(math.expm1(1 - fam.min_slope))
+    ref, ref_ld = splines.rational_quadratic_spline(
+        z, params[:, :K], params[:, K:2 * K], params[:, 2 * K:] + c, inverse=False,
+        left=-5.0, right=5.0, bottom=-5.0, top=5.0, min_bin_width=fam.min_width,
+        min_bin_height=fam.min_width, min_derivative=fam.min_slope)
+    assert torch.allclose(x, ref, atol=1e-10)
+    assert torch.allclose(log_d, ref_ld, atol=1e-8)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_zero_parameters_give_the_identity(family):
+    flow = krflows.KRFlow(D, transform=family, layers=2, hidden=(8,)).double()
+    z = torch.randn(10, D, dtype=torch.float64) * 4
+    assert torch.allclose(flow(z), z, atol=1e-12)
