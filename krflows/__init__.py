@@ -4,9 +4,11 @@ Direction convention: every map goes ``T: z -> x``, pushing the reference ``N(0,
 forward to the target; ``S = T^{-1}`` goes ``x -> z``.
 """
 
-from krflows import exact, targets, transforms
+from krflows import diagnostics, exact, objectives, targets, transforms
+from krflows.fit import fit
 from krflows.flows import KRFlow
 
 __version__ = "0.1.0"
 
-__all__ = ["KRFlow", "exact", "targets", "transforms", "__version__"]
+__all__ = ["KRFlow", "fit", "diagnostics", "exact", "objectives", "targets", "transforms",
+           "__version__"]

@@ -87,8 +87,12 @@ class Spline(MonotoneFamily):
                                    {s_k + (\delta_{k+1} + \delta_k - 2 s_k)\xi(1-\xi)} .
 
     Outside the box the map is linear with the boundary slopes ``δ_0``, ``δ_K`` (learned),
-    so it is defined and invertible on all of ``R``. Inverse: the closed-form root of the
-    bin's quadratic. Parameters per coordinate: ``3 * bins + 1``.
+    so it is defined and invertible on all of ``R``. With ``affine=True`` (default) the
+    spline is followed by a conditional affine map ``x -> a + s x`` (``s > 0``): a spline
+    alone maps its box onto a box of the same size, and conditional scales (a funnel's
+    ``e^{v/2}``) need more than that. Inverse: the closed-form root of the bin's quadratic.
+    Parameters per coordinate: ``3 * bins + 1`` (``+ 2`` with ``affine``), laid out as
+    ``[a, u, widths, heights, slopes]``.
 
     Written here instead of calling nflows' kernel: nflows scatters inside/outside
     points through boolean masks (several copies and small kernels per call) and pins the
@@ -96,11 +100,17 @@ class Spline(MonotoneFamily):
     arithmetic. tests/test_transforms.py checks it against nflows' kernel inside the box.
     """
 
-    def __init__(self, bins: int = 8, bound: float = 5.0, min_width: float = 1e-3,
-                 min_slope: float = 1e-3):
-        self.bins, self.bound = bins, bound
+    def __init__(self, bins: int = 8, bound: float = 5.0, affine: bool = True,
+                 min_width: float = 1e-3, min_slope: float = 1e-3):
+        self.bins, self.bound, self.affine = bins, bound, affine
         self.min_width, self.min_slope = min_width, min_slope
-        self.n_params = 3 * bins + 1
+        self.n_params = 3 * bins + 1 + 2 * affine
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(shift, scale, spline params)``; identity affine part when ``affine=False``."""
+        if not self.affine:
+            return params.new_zeros(()), params.new_ones(()), params
+        return params[..., 0], _positive(params[..., 1], self.min_slope), params[..., 2:]
 
     def _knots(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         K, B, m = self.bins, self.bound, self.min_width
@@ -127,6 +137,16 @@ class Spline(MonotoneFamily):
         return delta[..., 0], delta[..., -1]
 
     def forward(self, z, params):
+        shift, scale, params = self._split(params)
+        x, log_d = self._spline(z, params)
+        return shift + scale * x, log_d + torch.log(scale)
+
+    def inverse(self, x, params, guess=None):
+        shift, scale, params = self._split(params)
+        z, log_d = self._spline_inverse((x - shift) / scale, params)
+        return z, log_d + torch.log(scale)
+
+    def _spline(self, z, params):
         B = self.bound
         xk, yk, delta = self._knots(params)
         zc = z.clamp(-B, B)  # the inside formula only ever sees in-box values: no NaN
@@ -143,7 +163,7 @@ class Spline(MonotoneFamily):
         log_d = torch.where(z < -B, torch.log(lo), torch.where(z > B, torch.log(hi), log_in))
         return x, log_d
 
-    def inverse(self, x, params, guess=None):
+    def _spline_inverse(self, x, params):
         B = self.bound
         xk, yk, delta = self._knots(params)
         xc = x.clamp(-B, B)

@@ -1,0 +1,172 @@
+r"""The plain training loop: ``fit(flow, target, ...)`` (no Lightning needed).
+
+Two phases:
+
+1. **Warm-up** (``warmup`` steps): only the flow's affine stage ``x = m + L y`` is trained,
+   by reverse KL: Gaussian variational inference, which moves the reference onto the
+   target's location and scale so that the layers' boxes ``[-B, B]`` cover it.
+2. **Joint training** of all parameters by reverse KL (or forward KL from samples), with
+   Adam, a cosine learning-rate schedule, gradient-norm clipping, and optional annealing
+   of the target :math:`p^{\beta}`, ``β`` rising linearly from ``beta0`` to 1 over the
+   first ``anneal`` fraction of the steps (mode coverage).
+
+Samples where the target's log density is NaN/inf are dropped and counted; a batch with
+no finite value raises :class:`~krflows.objectives.NonFiniteTargetError` before any
+parameter changes; a step whose gradient is not finite is skipped (and counted), so the
+parameters never become NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from krflows.diagnostics import ess
+from krflows.objectives import forward_kl, reverse_kl
+from krflows.targets import as_target
+
+__all__ = ["fit", "temperature", "warm_up"]
+
+
+def temperature(step: int, steps: int, anneal: float, beta0: float) -> float:
+    """``β`` at ``step``: linear from ``beta0`` to 1 over the first ``anneal * steps`` steps."""
+    if anneal <= 0:
+        return 1.0
+    return min(1.0, beta0 + (1 - beta0) * step / max(1.0, anneal * steps))
+
+
+def warm_up(flow, target, steps: int = 200, batch_size: int = 256, lr: float = 5e-2,
+            beta: float = 1.0) -> list[float]:
+    """Gaussian VI of the affine stage alone (reverse KL); returns the losses."""
+    if flow.affine is None or steps <= 0:
+        return []
+    opt = torch.optim.Adam(flow.affine.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        batch = reverse_kl(flow, target, batch_size, beta=beta)
+        opt.zero_grad(set_to_none=True)
+        batch.loss.backward()
+        if _finite_grads(flow.affine.parameters()):
+            torch.nn.utils.clip_grad_norm_(flow.affine.parameters(), 10.0)
+            opt.step()
+        losses.append(batch.loss.item())
+    return losses
+
+
+def fit(
+    flow,
+    target,
+    steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    *,
+    objective: str = "reverse_kl",
+    samples: Tensor | None = None,
+    path_gradient: bool = False,
+    anneal: float = 0.0,
+    beta0: float = 0.1,
+    warmup: int | None = None,
+    clip: float = 10.0,
+    weight_decay: float = 0.0,
+    log_every: int = 10,
+    callback: Callable[[int, dict], None] | None = None,
+    progress: bool = False,
+) -> dict[str, list[float]]:
+    r"""Fits ``flow`` to an unnormalized target; returns the history.
+
+    Arguments:
+        flow: a :class:`~krflows.KRFlow`.
+        target: a krflows target or any callable ``log_prob(x) -> (n,)``.
+        steps: optimizer steps of the joint phase.
+        batch_size: samples per step.
+        lr: Adam learning rate (cosine-decayed to ``lr / 20``).
+        objective: ``"reverse_kl"`` (from flow samples) or ``"forward_kl"`` (from ``samples``).
+        samples: target samples ``(N, d)`` for ``"forward_kl"``.
+        path_gradient: the sticking-the-landing reverse-KL estimator.
+        anneal: fraction of the steps over which ``β`` rises from ``beta0`` to 1 (0: off).
+        warmup: affine-stage warm-up steps (default ``min(200, steps // 5)``; 0: off). With
+            ``"forward_kl"`` the stage is instead set from the samples' mean and covariance.
+        clip: gradient-norm clipping threshold.
+        log_every: record the history every this many steps.
+        callback: called as ``callback(step, record)`` at each record.
+        progress: print a progress line at each record.
+
+    Returns:
+        a dict of lists: ``step, loss, elbo, ess, grad_norm, lr, beta, dropped, seconds``
+        (``elbo`` and ``ess`` are of the untempered target, on the step's batch), and
+        ``warmup_loss``.
+
+    Example:
+        >>> import krflows
+        >>> flow = krflows.KRFlow(2, layers=1, hidden=(16,))
+        >>> target = krflows.targets.Gaussian(torch.zeros(2), torch.eye(2))
+        >>> history = fit(flow, target, steps=20, batch_size=64, log_every=10)
+        >>> history["step"]
+        [10, 20]
+    """
+    if objective not in ("reverse_kl", "forward_kl"):
+        raise ValueError(f"objective must be 'reverse_kl' or 'forward_kl', got {objective!r}")
+    if objective == "forward_kl" and samples is None:
+        raise ValueError("objective='forward_kl' needs target samples: fit(..., samples=x)")
+    target = as_target(target, dim=flow.dim)
+    if target.dim != flow.dim:
+        raise ValueError(f"the target has dim {target.dim} but the flow has dim {flow.dim}")
+    history: dict[str, list[float]] = {k: [] for k in (
+        "step", "loss", "elbo", "ess", "grad_norm", "lr", "beta", "dropped", "seconds")}
+    warmup = min(200, steps // 5) if warmup is None else warmup
+    if objective == "reverse_kl":
+        history["warmup_loss"] = warm_up(flow, target, warmup, batch_size,
+                                         beta=temperature(0, steps, anneal, beta0))
+    elif flow.affine is not None and warmup > 0:
+        # forward KL: the affine stage starts at the samples' moments (exact for a Gaussian)
+        flow.affine.initialize(samples.mean(0), torch.cov(samples.T).reshape(flow.dim, flow.dim))
+    params = [p for p in flow.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr / 20)
+    start, dropped, skipped = time.perf_counter(), 0, 0
+    for step in range(1, steps + 1):
+        beta = temperature(step, steps, anneal, beta0)
+        if objective == "reverse_kl":
+            batch = reverse_kl(flow, target, batch_size, beta=beta, path_gradient=path_gradient)
+            loss, log_w, dropped = batch.loss, batch.log_w, dropped + batch.dropped
+        else:
+            idx = torch.randint(0, samples.shape[0], (batch_size,), device=samples.device)
+            loss, log_w = forward_kl(flow, samples[idx]), None
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if _finite_grads(params):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            opt.step()
+        else:
+            grad_norm, skipped = math.nan, skipped + 1
+        sched.step()
+        if step % log_every == 0 or step == steps:
+            if log_w is None:
+                with torch.no_grad():
+                    x, log_q = flow.rsample_and_log_prob((batch_size,))
+                    log_w = (target(x) - log_q)
+                    log_w = log_w[torch.isfinite(log_w)]
+            record = {
+                "step": step, "loss": loss.item(), "elbo": float(log_w.mean()),
+                "ess": float(ess(log_w)), "grad_norm": grad_norm,
+                "lr": opt.param_groups[0]["lr"], "beta": beta, "dropped": dropped,
+                "seconds": time.perf_counter() - start,
+            }
+            for k, v in record.items():
+                history[k].append(v)
+            if callback is not None:
+                callback(step, record)
+            if progress:
+                print(f"step {step:>6}/{steps}  loss {record['loss']:10.4f}  "
+                      f"elbo {record['elbo']:10.4f}  ess {record['ess']:.3f}  beta {beta:.2f}"
+                      + (f"  dropped {dropped}" if dropped else ""), flush=True)
+    history["skipped_steps"] = [skipped]
+    return history
+
+
+def _finite_grads(params) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)

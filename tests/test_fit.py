@@ -1,0 +1,91 @@
+"""Training: the Gaussian oracle (pointwise KR map), quality budgets, non-finite targets."""
+
+import pytest
+import torch
+
+import krflows
+from krflows.exact import gaussian_kr_map
+from krflows.objectives import NonFiniteTargetError
+
+
+def _cov(d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g)
+    return A @ A.T / d + 0.5 * torch.eye(d), torch.randn(d, generator=g)
+
+
+@pytest.mark.slow
+def test_learned_map_converges_pointwise_to_the_exact_kr_map():
+    """Only a triangular flow has a unique target map to converge to: m + L z."""
+    torch.manual_seed(0)
+    d = 4
+    cov, mean = _cov(d)
+    target = krflows.targets.Gaussian(mean, cov)
+    flow = krflows.KRFlow(d, transform="spline", layers=2, hidden=(32, 32))
+    krflows.fit(flow, target, steps=600, batch_size=256, lr=3e-3)
+    z = torch.randn(2000, d).clamp(-2, 2)  # the bulk
+    with torch.no_grad():
+        learned, exact = flow(z), gaussian_kr_map(mean, cov)(z)
+    rel = (learned - exact).norm(dim=-1) / (exact - mean).norm(dim=-1)
+    assert rel.median() < 0.05, float(rel.median())
+
+
+def test_fit_history_and_dropped_samples():
+    """A target that is NaN on half of the space trains on, and the drops are reported."""
+    torch.manual_seed(0)
+    gauss = krflows.targets.Gaussian(torch.zeros(2), torch.eye(2))
+
+    def half_nan(x):
+        lp = gauss.log_prob(x)
+        return torch.where(x[..., 0] > 0, lp, torch.full_like(lp, float("nan")))
+
+    flow = krflows.KRFlow(2, layers=1, hidden=(16,))
+    h = krflows.fit(flow, half_nan, steps=30, batch_size=64, log_every=10)
+    assert h["step"] == [10, 20, 30] and h["dropped"][-1] > 0
+    assert all(torch.isfinite(p).all() for p in flow.parameters())
+
+
+def test_whole_bad_batch_raises_and_leaves_parameters_untouched():
+    flow = krflows.KRFlow(2, layers=1, hidden=(8,))
+    before = [p.detach().clone() for p in flow.parameters()]
+    with pytest.raises(NonFiniteTargetError, match="NaN or inf at all 32"):
+        krflows.fit(flow, lambda x: torch.full(x.shape[:-1], float("nan")), steps=5,
+                    batch_size=32, warmup=0)
+    with pytest.raises(NonFiniteTargetError, match="raised"):
+        krflows.fit(flow, lambda x: 1 / 0, steps=5, batch_size=32, warmup=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
+
+
+def test_bad_arguments():
+    flow = krflows.KRFlow(2, layers=1, hidden=(8,))
+    with pytest.raises(ValueError, match="dim 3"):
+        krflows.fit(flow, krflows.targets.Gaussian(torch.zeros(3), torch.eye(3)), steps=1)
+    with pytest.raises(ValueError, match="needs target samples"):
+        krflows.fit(flow, lambda x: -x.square().sum(-1), objective="forward_kl", steps=1)
+
+
+def test_forward_kl_from_exact_samples():
+    torch.manual_seed(0)
+    target = krflows.targets.Gaussian(torch.tensor([3.0, -1.0]), torch.tensor([[4.0, 1.0], [1.0, 1.0]]))
+    flow = krflows.KRFlow(2, transform="affine", layers=1, hidden=(8,))
+    krflows.fit(flow, target, steps=300, batch_size=256, lr=2e-2, objective="forward_kl",
+                samples=target.sample((4000,)))
+    x = flow.sample((20000,))
+    assert torch.allclose(x.mean(0), torch.tensor([3.0, -1.0]), atol=0.15)
+
+
+@pytest.mark.slow
+def test_banana_and_funnel_reach_high_ess_and_tempering_keeps_both_modes():
+    torch.manual_seed(0)
+    for target, steps, threshold in ((krflows.targets.Banana(), 400, 0.5),
+                                     (krflows.targets.Funnel(5), 400, 0.3)):
+        flow = krflows.KRFlow(target.dim, layers=2, hidden=(32, 32))
+        krflows.fit(flow, target, steps=steps, batch_size=256, lr=3e-3)
+        with torch.no_grad():
+            x, lq = flow.rsample_and_log_prob((5000,))
+            assert krflows.diagnostics.ess(target.log_prob(x) - lq) > threshold
+    target = krflows.targets.Bimodal2D(separation=8.0, weights=(0.3, 0.7))
+    flow = krflows.KRFlow(2, layers=2, hidden=(32, 32))
+    krflows.fit(flow, target, steps=500, batch_size=256, lr=3e-3, anneal=0.5)
+    freq = torch.bincount(target.assign(flow.sample((5000,))), minlength=2) / 5000
+    assert freq.min() > 0.15, freq
