@@ -5,10 +5,11 @@ forward to the target; ``S = T^{-1}`` goes ``x -> z``.
 """
 
 from krflows import diagnostics, exact, objectives, targets, transforms
+from krflows.diagnostics import diagnose
 from krflows.fit import fit
 from krflows.flows import KRFlow
 
 __version__ = "0.1.0"
 
-__all__ = ["KRFlow", "fit", "diagnostics", "exact", "objectives", "targets", "transforms",
+__all__ = ["KRFlow", "fit", "diagnose", "diagnostics", "exact", "objectives", "targets", "transforms",
            "__version__"]

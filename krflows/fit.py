@@ -29,7 +29,7 @@ from krflows.diagnostics import ess
 from krflows.objectives import forward_kl, reverse_kl
 from krflows.targets import as_target
 
-__all__ = ["fit", "temperature", "warm_up"]
+__all__ = ["fit", "temperature", "warm_up", "adam"]
 
 
 def temperature(step: int, steps: int, anneal: float, beta0: float) -> float:
@@ -44,7 +44,7 @@ def warm_up(flow, target, steps: int = 200, batch_size: int = 256, lr: float = 5
     """Gaussian VI of the affine stage alone (reverse KL); returns the losses."""
     if flow.affine is None or steps <= 0:
         return []
-    opt = torch.optim.Adam(flow.affine.parameters(), lr=lr)
+    opt = adam(list(flow.affine.parameters()), lr=lr)
     losses = []
     for _ in range(steps):
         batch = reverse_kl(flow, target, batch_size, beta=beta)
@@ -125,7 +125,7 @@ def fit(
         # forward KL: the affine stage starts at the samples' moments (exact for a Gaussian)
         flow.affine.initialize(samples.mean(0), torch.cov(samples.T).reshape(flow.dim, flow.dim))
     params = [p for p in flow.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    opt = adam(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr / 20)
     start, dropped, skipped = time.perf_counter(), 0, 0
     for step in range(1, steps + 1):
@@ -166,6 +166,12 @@ def fit(
                       + (f"  dropped {dropped}" if dropped else ""), flush=True)
     history["skipped_steps"] = [skipped]
     return history
+
+
+def adam(params: list[Tensor], **kwargs) -> torch.optim.Adam:
+    """Adam, fused into one kernel per step where torch supports it (CPU and CUDA floats)."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, fused=fused, **kwargs)
 
 
 def _finite_grads(params) -> bool:

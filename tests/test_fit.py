@@ -76,14 +76,27 @@ def test_forward_kl_from_exact_samples():
 
 @pytest.mark.slow
 def test_banana_and_funnel_reach_high_ess_and_tempering_keeps_both_modes():
+    """Stated thresholds: banana ESS/N > 0.5; funnel-5 (path gradients) KL < 0.05, ESS/N > 0.1.
+
+    The funnel's ESS is dominated by its neck (v << 0), where reverse KL under-covers the
+    tail: seeds of plain reverse KL at this budget gave ESS 0.04-0.98 at KL ~ 0.02, hence
+    the sticking-the-landing estimator and a KL criterion.
+    """
     torch.manual_seed(0)
-    for target, steps, threshold in ((krflows.targets.Banana(), 400, 0.5),
-                                     (krflows.targets.Funnel(5), 400, 0.3)):
-        flow = krflows.KRFlow(target.dim, layers=2, hidden=(32, 32))
-        krflows.fit(flow, target, steps=steps, batch_size=256, lr=3e-3)
-        with torch.no_grad():
-            x, lq = flow.rsample_and_log_prob((5000,))
-            assert krflows.diagnostics.ess(target.log_prob(x) - lq) > threshold
+    banana = krflows.targets.Banana()
+    flow = krflows.KRFlow(2, layers=2, hidden=(32, 32))
+    krflows.fit(flow, banana, steps=400, batch_size=256, lr=1e-2)
+    with torch.no_grad():
+        x, lq = flow.rsample_and_log_prob((5000,))
+        assert krflows.diagnostics.ess(banana.log_prob(x) - lq) > 0.5
+    funnel = krflows.targets.Funnel(5)
+    flow = krflows.KRFlow(5, layers=2, hidden=(32, 32))
+    krflows.fit(flow, funnel, steps=600, batch_size=256, lr=3e-3, path_gradient=True)
+    with torch.no_grad():
+        x, lq = flow.rsample_and_log_prob((5000,))
+        log_w = funnel.log_prob(x) - lq
+    assert funnel.log_z - log_w.mean() < 0.05
+    assert krflows.diagnostics.ess(log_w) > 0.1
     target = krflows.targets.Bimodal2D(separation=8.0, weights=(0.3, 0.7))
     flow = krflows.KRFlow(2, layers=2, hidden=(32, 32))
     krflows.fit(flow, target, steps=500, batch_size=256, lr=3e-3, anneal=0.5)

@@ -112,29 +112,23 @@ class Spline(MonotoneFamily):
             return params.new_zeros(()), params.new_ones(()), params
         return params[..., 0], _positive(params[..., 1], self.min_slope), params[..., 2:]
 
-    def _knots(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _table(self, params: Tensor) -> Tensor:
+        """Knot table ``(*, 3, K+1)``: rows ``z_k``, ``x_k``, ``δ_k``."""
         K, B, m = self.bins, self.bound, self.min_width
-        w = m + (1 - K * m) * torch.softmax(params[..., :K], dim=-1)
-        h = m + (1 - K * m) * torch.softmax(params[..., K:2 * K], dim=-1)
+        wh = torch.softmax(params[..., :2 * K].unflatten(-1, (2, K)), dim=-1) * (1 - K * m) + m
+        knots = F.pad(torch.cumsum(wh, -1), (1, 0)) * (2 * B) - B
         delta = _positive(params[..., 2 * K:], self.min_slope)
-        xk = F.pad(torch.cumsum(w, -1), (1, 0)) * (2 * B) - B
-        yk = F.pad(torch.cumsum(h, -1), (1, 0)) * (2 * B) - B
-        return xk, yk, delta
+        return torch.cat([knots, delta.unsqueeze(-2)], -2)
 
     @staticmethod
-    def _bin(knots: Tensor, v: Tensor) -> Tensor:
+    def _bin_ends(table: Tensor, row: int, v: Tensor) -> list[Tensor]:
+        """``z_k, w_k, x_k, h_k, δ_k, δ_{k+1}`` of the bin of ``v`` along knot row ``row``."""
         # Counting interior knots below v beats searchsorted for a handful of bins.
-        return (v.unsqueeze(-1) >= knots[..., 1:-1]).sum(-1, keepdim=True)
-
-    @staticmethod
-    def _gather(idx: Tensor, xk: Tensor, yk: Tensor, delta: Tensor):
-        x0, x1 = xk.gather(-1, idx), xk.gather(-1, idx + 1)
-        y0, y1 = yk.gather(-1, idx), yk.gather(-1, idx + 1)
-        d0, d1 = delta.gather(-1, idx), delta.gather(-1, idx + 1)
-        return [t.squeeze(-1) for t in (x0, x1 - x0, y0, y1 - y0, d0, d1)]
-
-    def _tails(self, delta: Tensor) -> tuple[Tensor, Tensor]:
-        return delta[..., 0], delta[..., -1]
+        idx = (v.unsqueeze(-1) >= table[..., row, 1:-1]).sum(-1, keepdim=True)
+        idx = torch.cat([idx, idx + 1], -1).unsqueeze(-2).expand(*idx.shape[:-1], 3, 2)
+        ends = table.gather(-1, idx)  # one gather for all six: (*, 3, 2)
+        (z0, x0, d0), (z1, x1, d1) = ends[..., 0].unbind(-1), ends[..., 1].unbind(-1)
+        return [z0, z1 - z0, x0, x1 - x0, d0, d1]
 
     def forward(self, z, params):
         shift, scale, params = self._split(params)
@@ -146,45 +140,38 @@ class Spline(MonotoneFamily):
         z, log_d = self._spline_inverse((x - shift) / scale, params)
         return z, log_d + torch.log(scale)
 
-    def _spline(self, z, params):
-        B = self.bound
-        xk, yk, delta = self._knots(params)
-        zc = z.clamp(-B, B)  # the inside formula only ever sees in-box values: no NaN
-        x0, w, y0, h, d0, d1 = self._gather(self._bin(xk, zc), xk, yk, delta)
-        s = h / w
-        xi = ((zc - x0) / w).clamp(0, 1)
+    @staticmethod
+    def _log_slope(xi, s, d0, d1):
         t = xi * (1 - xi)
         den = s + (d1 + d0 - 2 * s) * t
-        x_in = y0 + h * (s * xi * xi + d0 * t) / den
-        log_in = 2 * torch.log(s) + torch.log(d1 * xi * xi + 2 * s * t + d0 * (1 - xi) ** 2) \
-            - 2 * torch.log(den)
-        lo, hi = self._tails(delta)
-        x = torch.where(z < -B, -B + lo * (z + B), torch.where(z > B, B + hi * (z - B), x_in))
-        log_d = torch.where(z < -B, torch.log(lo), torch.where(z > B, torch.log(hi), log_in))
-        return x, log_d
+        num = d1 * xi * xi + 2 * s * t + d0 * (1 - xi) * (1 - xi)
+        return torch.log(s * s * num / (den * den)), t, den
+
+    def _spline(self, z, params):
+        B = self.bound
+        zc = z.clamp(-B, B)  # the inside formula only ever sees in-box values: no NaN
+        z0, w, x0, h, d0, d1 = self._bin_ends(self._table(params), 0, zc)
+        s = h / w
+        xi = ((zc - z0) / w).clamp(0, 1)
+        log_d, t, den = self._log_slope(xi, s, d0, d1)
+        x = x0 + h * (s * xi * xi + d0 * t) / den
+        # Outside the box zc sits on the end knot, where the slope is the tail's δ_0 or δ_K:
+        # continuing linearly needs no branch, and log_d is already the tail's.
+        return x + (z - zc) * torch.exp(log_d), log_d
 
     def _spline_inverse(self, x, params):
         B = self.bound
-        xk, yk, delta = self._knots(params)
         xc = x.clamp(-B, B)
-        x0, w, y0, h, d0, d1 = self._gather(self._bin(yk, xc), xk, yk, delta)
+        z0, w, x0, h, d0, d1 = self._bin_ends(self._table(params), 1, xc)
         s = h / w
-        r = xc - y0
+        r = xc - x0
         c1 = d1 + d0 - 2 * s
         a = h * (s - d0) + r * c1
         b = h * d0 - r * c1
-        c = -s * r
-        disc = (b * b - 4 * a * c).clamp_min(0)
-        xi = ((2 * c) / (-b - torch.sqrt(disc))).clamp(0, 1)
-        z_in = x0 + xi * w
-        t = xi * (1 - xi)
-        den = s + c1 * t
-        log_in = 2 * torch.log(s) + torch.log(d1 * xi * xi + 2 * s * t + d0 * (1 - xi) ** 2) \
-            - 2 * torch.log(den)
-        lo, hi = self._tails(delta)
-        z = torch.where(x < -B, -B + (x + B) / lo, torch.where(x > B, B + (x - B) / hi, z_in))
-        log_d = torch.where(x < -B, torch.log(lo), torch.where(x > B, torch.log(hi), log_in))
-        return z, log_d
+        disc = (b * b + 4 * a * s * r).clamp_min(0)
+        xi = ((-2 * s * r) / (-b - torch.sqrt(disc))).clamp(0, 1)
+        log_d, _, _ = self._log_slope(xi, s, d0, d1)
+        return z0 + xi * w + (x - xc) * torch.exp(-log_d), log_d
 
 
 class Bernstein(MonotoneFamily):
