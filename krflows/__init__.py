@@ -13,3 +13,15 @@ __version__ = "0.1.0"
 
 __all__ = ["KRFlow", "fit", "diagnose", "diagnostics", "exact", "objectives", "targets", "transforms",
            "__version__"]
+
+# Submodules with heavy imports (Pyro, Lightning, POT) load on first access:
+# ``krflows.pyro.AutoKRFlow`` works after a plain ``import krflows``.
+_LAZY = ("pyro", "lightning", "callbacks", "cli", "ot")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"krflows.{name}")
+    raise AttributeError(f"module 'krflows' has no attribute {name!r}")

@@ -1,0 +1,475 @@
+r"""Pyro integration: model potentials, the ``AutoKRFlow`` autoguide, and debiasing.
+
+* :func:`potential_from_model` turns a Pyro model into a krflows :class:`~krflows.targets.Target`
+  on Pyro's unconstrained latent space: ``log_prob(x)`` is the log joint plus the
+  ``log|det|`` of the bijections ``u -> biject_to(support)(u)``, vectorized over a batch.
+* :class:`AutoKRFlow` is an :class:`~pyro.infer.autoguide.AutoContinuous` guide whose
+  posterior over the flat unconstrained latent is a :class:`~krflows.KRFlow` (``z -> x``,
+  lower triangular in the latent order of the model's sites). It works with ``SVI``,
+  ``Predictive`` and :class:`~pyro.infer.reparam.NeuTraReparam` (NUTS in the reference space).
+* :func:`importance_resample`, :func:`self_normalized_expectation` and
+  :func:`independence_mh` correct a fitted flow's bias with importance weights
+  :math:`w = \tilde p / q`; :func:`neutra_nuts` runs NUTS in the flow's reference space.
+
+Note: this module is ``krflows.pyro``, but absolute imports are in force, so inside it
+``import pyro`` is the top-level Pyro package, not this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+from torch.distributions import Transform, biject_to, constraints
+
+from krflows.diagnostics import ess, self_normalized
+from krflows.fit import warm_up
+from krflows.flows import KRFlow
+from krflows.targets import Target, as_target
+
+__all__ = [
+    "ModelPotential",
+    "potential_from_model",
+    "AutoKRFlow",
+    "importance_resample",
+    "self_normalized_expectation",
+    "independence_mh",
+    "neutra_nuts",
+]
+
+
+# =============================================================================================
+# model potentials
+
+
+class _Site(NamedTuple):
+    name: str
+    shape: torch.Size  # constrained value shape (plate dims included)
+    unconstrained_shape: torch.Size
+    event_dim: int  # event dims of the unconstrained value
+    size: int
+    bijection: Transform  # unconstrained -> constrained
+    fn_event_dim: int
+
+
+def _latent_sites(trace) -> tuple[list[_Site], int]:
+    """The continuous latent sites of a trace, in trace order, and the max plate nesting."""
+    latents = [(name, site) for name, site in trace.iter_stochastic_nodes() if not site_is_subsample(site)]
+    discrete = [name for name, site in latents
+                if getattr(site["fn"].support, "is_discrete", False)]
+    if discrete:
+        raise ValueError(f"krflows needs continuous latent sites, but the model has discrete latent "
+                         f"site(s) {discrete}: marginalize them (e.g. enumerate and sum them out "
+                         f"in the model) or hide them with poutine.block")
+    sites, nesting = [], 0
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized]
+            nesting = max([nesting, *dims])
+    for name, site in latents:
+        bijection = biject_to(site["fn"].support)
+        value = site["value"].detach()
+        u_shape = bijection.inv(value).shape
+        event_dim = site["fn"].event_dim + len(u_shape) - value.dim()
+        sites.append(_Site(name, value.shape, u_shape, event_dim, math.prod(u_shape), bijection,
+                           site["fn"].event_dim))
+    if not sites:
+        raise ValueError("the model has no latent sample sites")
+    return sites, nesting
+
+
+class ModelPotential(Target):
+    r"""A Pyro model's unnormalized log posterior on its flat unconstrained latent space.
+
+    For ``x = (u_1, ..., u_S)`` the concatenation of the flattened unconstrained values of
+    the latent sites (in the order the model samples them),
+
+    .. math:: \log \tilde p(x) = \log p\big(y, \theta = b(x)\big) + \log |\det J_b(x)| ,
+
+    with ``b`` the sitewise bijections ``biject_to(support)``: exactly the negative of
+    Pyro's ``potential_fn`` from :func:`pyro.infer.mcmc.util.initialize_model`.
+
+    The batch is evaluated in one model run: the model is conditioned on a batch of values
+    and run inside a ``pyro.plate`` of size ``n`` left of its own plates, as
+    ``Trace_ELBO(vectorize_particles=True)`` does. The model must therefore broadcast over
+    that batch dimension. If it does not, pass ``vectorize=False``: one model run per point
+    (``n`` times slower, but it works for any fixed-structure model).
+
+    Arguments:
+        model: a Pyro model with continuous latent sites and fixed structure.
+        args, kwargs: the model's arguments (kept; every evaluation uses them).
+        vectorize: evaluate a batch in one model run (default) or one point at a time.
+
+    Attributes:
+        dim: the number of unconstrained coordinates.
+        site_names: the latent sites, in the order of the coordinates.
+        site_shapes: ``{name: constrained shape}``; ``unconstrained_shapes`` likewise.
+        init: the prototype run's latent values, unconstrained, shape ``(dim,)``.
+
+    Example:
+        >>> def model():
+        ...     s = pyro.sample("s", dist.HalfNormal(1.0))
+        ...     pyro.sample("y", dist.Normal(0.0, s), obs=torch.tensor(0.5))
+        >>> potential = potential_from_model(model)
+        >>> potential(torch.zeros(4, 1)).shape
+        torch.Size([4])
+        >>> potential.unpack(torch.zeros(4, 1))["s"].shape
+        torch.Size([4])
+    """
+
+    _castable = False  # the model's own tensors fix the dtype
+
+    def __init__(self, model: Callable, *args, vectorize: bool = True, **kwargs):
+        trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+        self._sites, self.max_plate_nesting = _latent_sites(trace)
+        values = [trace.nodes[s.name]["value"].detach() for s in self._sites]
+        dtype = torch.promote_types(values[0].dtype, torch.get_default_dtype())
+        super().__init__(sum(s.size for s in self._sites), dtype=dtype, device=values[0].device)
+        self.model, self.args, self.kwargs, self.vectorize = model, args, kwargs, vectorize
+        init = [s.bijection.inv(v).reshape(-1) for s, v in zip(self._sites, values, strict=True)]
+        self.init = torch.cat(init).to(dtype)
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self._sites]
+
+    @property
+    def site_shapes(self) -> dict[str, torch.Size]:
+        return {s.name: s.shape for s in self._sites}
+
+    @property
+    def unconstrained_shapes(self) -> dict[str, torch.Size]:
+        return {s.name: s.unconstrained_shape for s in self._sites}
+
+    def _split(self, x: Tensor, pad: int):
+        """Yields ``(site, u)`` with ``u`` of shape ``(n, *[1] * k, *unconstrained_shape)``,
+        ``k`` ones so that the batch dim lies ``pad`` dims left of the site's batch dims."""
+        n, pos = x.shape[0], 0
+        for s in self._sites:
+            batch_dims = len(s.unconstrained_shape) - s.event_dim
+            ones = (1,) * max(0, pad - batch_dims)
+            yield s, x[:, pos:pos + s.size].reshape(n, *ones, *s.unconstrained_shape)
+            pos += s.size
+
+    def unpack(self, x: Tensor) -> dict[str, Tensor]:
+        """Flat unconstrained points ``(*, dim)`` -> ``{name: constrained value (*, *shape)}``."""
+        self._check(x)
+        batch = x.shape[:-1]
+        flat = x.reshape(-1, self.dim)
+        return {s.name: s.bijection(u).reshape(*batch, *s.shape) for s, u in self._split(flat, 0)}
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        batch, flat = x.shape[:-1], x.reshape(-1, self.dim)
+        if self.vectorize:
+            out = self._log_prob_batch(flat)
+        else:  # one plain model run per point: n times the cost of the vectorized path
+            out = torch.stack([self._log_prob_point(row) for row in flat]) if len(flat) else flat[:, 0]
+        return out.reshape(batch)
+
+    def _log_prob_point(self, x: Tensor) -> Tensor:
+        """The log density at one point ``(dim,)``, by one run of the model as written."""
+        values, log_det, pos = {}, {}, 0
+        for s in self._sites:
+            u = x[pos:pos + s.size].reshape(s.unconstrained_shape)
+            pos += s.size
+            values[s.name] = s.bijection(u)
+            log_det[s.name] = s.bijection.log_abs_det_jacobian(u, values[s.name]).sum()
+        model = poutine.condition(self.model, data=values)
+        trace = poutine.block(poutine.trace(model).get_trace)(*self.args, **self.kwargs)
+        return trace.log_prob_sum() + sum(d * trace.nodes[k]["scale"] for k, d in log_det.items())
+
+    def _log_prob_batch(self, x: Tensor) -> Tensor:
+        n, nesting = x.shape[0], self.max_plate_nesting
+        values, log_dets = {}, {}
+        for s, u in self._split(x, nesting):
+            value = s.bijection(u)
+            ladj = s.bijection.log_abs_det_jacobian(u, value)
+            values[s.name] = value
+            log_dets[s.name] = sum_rightmost(ladj, ladj.dim() - value.dim() + s.fn_event_dim)
+
+        def run():
+            with pyro.plate("_krflows_points", n, dim=-nesting - 1):
+                return poutine.trace(poutine.condition(self.model, data=values)).get_trace(
+                    *self.args, **self.kwargs)
+
+        trace = poutine.block(run)()
+        trace.compute_log_prob()
+        out = x.new_zeros(n)
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                out = out + _per_point(site["log_prob"], n, nesting, name)
+            if name in log_dets:  # the Jacobian is scaled (subsampling) like the site's density
+                out = out + _per_point(log_dets[name] * site["scale"], n, nesting, name)
+        return out
+
+    def __repr__(self) -> str:
+        return f"ModelPotential(dim={self.dim}, sites={self.site_names})"
+
+
+def _per_point(t: Tensor, n: int, nesting: int, name: str) -> Tensor:
+    """Sums a batch-shaped tensor over everything but the point dim ``-nesting - 1``."""
+    t = torch.as_tensor(t)
+    if t.dim() > nesting + 1 or (t.dim() == nesting + 1 and t.shape[0] not in (1, n)):
+        raise ValueError(f"site {name!r} has batch shape {tuple(t.shape)} for {n} points and "
+                         f"{nesting} plate dims: the model does not broadcast over a batch dim left "
+                         f"of its plates (index event dims as x[..., i]), or pass vectorize=False")
+    t = t.reshape(*t.shape[:t.dim() - nesting], -1).sum(-1) if t.dim() > nesting else t.sum()
+    return torch.broadcast_to(t.reshape(-1) if t.dim() else t, (n,))
+
+
+def potential_from_model(model: Callable, *args, vectorize: bool = True, **kwargs) -> ModelPotential:
+    """The unnormalized log posterior of ``model(*args, **kwargs)`` on the unconstrained
+    latent space, as a krflows target (see :class:`ModelPotential`)."""
+    return ModelPotential(model, *args, vectorize=vectorize, **kwargs)
+
+
+# =============================================================================================
+# the autoguide
+
+
+class _OnePassTransform(Transform):
+    """Wraps a triangular ``z -> x`` so that ``x`` and ``log|det|`` come from one pass.
+
+    ``cache_size=1`` lets ``TransformedDistribution.log_prob`` of a just-drawn sample find
+    its ``z`` without the (sequential) inverse.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    sign = +1
+
+    def __init__(self, inner):
+        super().__init__(cache_size=1)
+        self.inner = inner
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _call(self, z: Tensor) -> Tensor:
+        x, ladj = self.inner.call_and_ladj(z)
+        self._last = (z, x, ladj)
+        return x
+
+    def _inverse(self, x: Tensor) -> Tensor:
+        return self.inner.inv(x)
+
+    def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
+        if self._last is not None and self._last[0] is z and self._last[1] is x:
+            return self._last[2]
+        return self.inner.log_abs_det_jacobian(z, x)
+
+
+class AutoKRFlow(AutoContinuous):
+    r"""An autoguide whose posterior over the flat unconstrained latent is a :class:`~krflows.KRFlow`.
+
+    The guide draws ``z ~ N(0, I)``, maps it through the flow's triangular map ``T: z -> x``
+    (lower triangular in the order the model samples its sites, and coordinate by coordinate
+    within a site), then each site's block of ``x`` through ``biject_to(support)``.
+
+    Scale: on the first call the flow's affine stage is set to ``N(init_loc, init_scale^2 I)``
+    (``init_loc`` from ``init_loc_fn``) and then fitted by ``warmup`` steps of Gaussian
+    variational inference on the model's potential (:func:`krflows.fit.warm_up`), so the
+    spline boxes start in standardized units around the posterior.
+
+    Arguments:
+        model: a Pyro model with continuous latent sites and fixed structure.
+        transform, layers, hidden, flow_options: passed to :class:`~krflows.KRFlow`.
+        init_scale: the affine stage's initial scale.
+        init_loc_fn: per-site initialization (Pyro's ``init_to_*``).
+        warmup: Gaussian-VI steps of the affine stage on the first call (0: off).
+        warmup_batch: samples per warm-up step.
+
+    Attributes (after the first call):
+        flow: the :class:`~krflows.KRFlow`; ``potential``: the :class:`ModelPotential` of the
+        first call's arguments (for :func:`independence_mh` and friends).
+    """
+
+    def __init__(self, model: Callable, transform: str = "spline", layers: int = 2,
+                 hidden: Sequence[int] = (32, 32), init_scale: float = 0.1,
+                 init_loc_fn: Callable = init_to_median, warmup: int = 100, warmup_batch: int = 64,
+                 **flow_options):
+        if init_scale <= 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale}")
+        super().__init__(model, init_loc_fn=init_loc_fn)
+        self._raw_model = (model,)  # a tuple: not registered as a submodule
+        self._flow_args = dict(transform=transform, layers=layers, hidden=tuple(hidden), **flow_options)
+        self._init_scale, self._warmup, self._warmup_batch = init_scale, warmup, warmup_batch
+        self.flow = None
+        self.potential = None
+
+    def _setup_prototype(self, *args, **kwargs):
+        potential = ModelPotential(self._raw_model[0], *args, **kwargs)  # names discrete sites
+        super()._setup_prototype(*args, **kwargs)
+        names = [name for name, _ in self.prototype_trace.iter_stochastic_nodes()]
+        assert names == potential.site_names, f"site order differs: {names} vs {potential.site_names}"
+        flow = KRFlow(self.latent_dim, **self._flow_args).to(potential.dtype)
+        if flow.affine is not None:
+            loc = self._init_loc().to(potential.dtype)
+            flow.affine.initialize(loc, self._init_scale ** 2 * torch.eye(self.latent_dim).to(loc))
+            if self._warmup > 0:
+                warm_up(flow, potential, steps=self._warmup, batch_size=self._warmup_batch)
+        self.potential = potential
+        self.flow = flow  # registered with the param store (pyro.module) on first access
+
+    def get_base_dist(self):
+        ref = self.flow._ref
+        return dist.Normal(torch.zeros_like(ref), torch.ones_like(ref)).to_event(1)
+
+    def get_transform(self, *args, **kwargs) -> Transform:
+        """The flow's map ``z -> x`` onto the flat unconstrained latent."""
+        return _OnePassTransform(self.flow.triangular)
+
+    def get_posterior(self, *args, **kwargs):
+        if self.flow is None:
+            raise RuntimeError("AutoKRFlow has no flow yet: call the guide once (e.g. one SVI step)")
+        return dist.TransformedDistribution(self.get_base_dist(), [self.get_transform()])
+
+    @torch.no_grad()
+    def _loc_scale(self, *args, **kwargs):
+        x = self.flow.sample((2000,))  # Monte-Carlo moments: the flow has no closed form
+        return x.mean(0), x.std(0)
+
+
+# =============================================================================================
+# debiasing with importance weights
+
+
+class Resampled(NamedTuple):
+    samples: Tensor  # (n, d)
+    log_w: Tensor  # (m,) the proposals' log weights
+    ess: float  # normalized ESS of the m weights
+
+
+def _weighted_draws(flow, target, m: int) -> tuple[Tensor, Tensor]:
+    target = as_target(target, dim=flow.dim)
+    with torch.no_grad():
+        x, log_q = flow.rsample_and_log_prob((m,))
+        log_w = target(x) - log_q
+    return x, torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+
+
+def importance_resample(flow, target, n: int, m: int | None = None,
+                        generator: torch.Generator | None = None) -> Resampled:
+    r"""Sampling-importance-resampling: ``n`` draws, with replacement, from ``m`` flow samples
+    weighted by :math:`w = \tilde p / q`.
+
+    Consistent as ``m -> inf`` (bias :math:`O(1/m)`); trustworthy only when
+    :func:`~krflows.diagnostics.pareto_k` of ``log_w`` is below about 0.7.
+
+    Arguments:
+        flow: the proposal (``rsample_and_log_prob``), e.g. a :class:`~krflows.KRFlow`.
+        target: a krflows target or callable ``log_prob(x) -> (m,)``.
+        n: resampled points; ``m``: proposals (default ``10 n``).
+    """
+    m = 10 * n if m is None else m
+    x, log_w = _weighted_draws(flow, target, m)
+    if not bool(torch.isfinite(log_w).any()):
+        raise ValueError("no proposal has a finite importance weight")
+    idx = torch.multinomial(torch.softmax(log_w.double(), 0), n, replacement=True, generator=generator)
+    return Resampled(x[idx.to(x.device)], log_w, float(ess(log_w[torch.isfinite(log_w)])))
+
+
+def self_normalized_expectation(flow, target, fn: Callable[[Tensor], Tensor], n: int = 10000
+                                ) -> tuple[Tensor, Tensor]:
+    r"""The self-normalized importance estimate of :math:`E_p[f]` and its standard error,
+    from ``n`` flow samples (:func:`krflows.diagnostics.self_normalized`); ``fn`` maps
+    ``(n, d)`` to ``(n, *)``."""
+    x, log_w = _weighted_draws(flow, target, n)
+    keep = torch.isfinite(log_w)
+    return self_normalized(fn(x[keep]), log_w[keep])
+
+
+class IMHResult(NamedTuple):
+    samples: Tensor  # (n_steps, d)
+    acceptance_rate: float
+    log_w: Tensor  # (n_steps,) log weights of the chain's states
+
+
+def independence_mh(flow, target, n_steps: int, x0: Tensor | None = None, batch_size: int = 4096,
+                    generator: torch.Generator | None = None) -> IMHResult:
+    r"""Independent Metropolis–Hastings with the flow as proposal: an exact MCMC correction.
+
+    From state ``x`` with weight :math:`w(x) = \tilde p(x)/q(x)`, propose ``x' ~ q`` and accept
+    with probability :math:`\min(1, w(x')/w(x))`. The chain's stationary law is ``p``; it is
+    uniformly ergodic when ``w`` is bounded, and the acceptance rate is at least
+    :math:`1/\sup (p/q)` (normalized ``p``).
+
+    Arguments:
+        flow: the proposal, with ``rsample_and_log_prob`` (e.g. a :class:`~krflows.KRFlow`).
+        target: a krflows target or callable ``log_prob(x) -> (n,)``.
+        n_steps: chain length (the returned samples include repeats, no burn-in dropped).
+        x0: the initial state ``(d,)`` (default: the first proposal).
+        batch_size: proposals drawn (and their weights evaluated) per batch.
+
+    Returns:
+        ``IMHResult(samples (n_steps, d), acceptance_rate, log_w (n_steps,))``.
+    """
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be a positive int, got {n_steps}")
+    target = as_target(target, dim=flow.dim)
+    if x0 is None:
+        x, lw = _weighted_draws(flow, target, 1)
+        x, lw = x[0], lw[0]
+    else:
+        with torch.no_grad():
+            x, lw = x0, (target(x0[None]) - flow.log_prob(x0[None]))[0]
+    samples, log_ws, accepted, done = [], [], 0, 0
+    while done < n_steps:
+        m = min(batch_size, n_steps - done)
+        prop, lw_prop = _weighted_draws(flow, target, m)
+        log_u = torch.rand(m, generator=generator, dtype=torch.float64).log().tolist()
+        states = torch.empty(m, dtype=torch.long)
+        chosen_lw = torch.empty(m, dtype=lw_prop.dtype)
+        current, current_lw = -1, float(lw)  # -1: the state carried over from before the batch
+        for i, (lwp, lu) in enumerate(zip(lw_prop.tolist(), log_u, strict=True)):
+            if lu < lwp - current_lw:
+                current, current_lw, accepted = i, lwp, accepted + 1
+            states[i], chosen_lw[i] = current, current_lw
+        batch = torch.where((states >= 0)[:, None], prop[states.clamp(min=0)], x)
+        samples.append(batch)
+        log_ws.append(chosen_lw)
+        x, lw, done = batch[-1], chosen_lw[-1], done + m
+    return IMHResult(torch.cat(samples), accepted / n_steps, torch.cat(log_ws))
+
+
+# =============================================================================================
+# NeuTra
+
+
+def neutra_nuts(model: Callable, guide: AutoKRFlow, num_samples: int, warmup_steps: int, *args,
+                num_chains: int = 1, **kwargs) -> dict[str, Tensor]:
+    r"""NUTS in the trained guide's reference space (NeuTra, Hoffman et al. 2019).
+
+    The model is reparametrized by :class:`~pyro.infer.reparam.NeuTraReparam` so that NUTS
+    samples ``z``; ``x = T(z)`` is then mapped to each site. The guide's parameters are
+    frozen during sampling.
+
+    Returns:
+        ``{site name: constrained samples (num_samples * num_chains, *shape)}``.
+    """
+    from pyro.infer import MCMC, NUTS
+    from pyro.infer.reparam import NeuTraReparam
+
+    if guide.flow is None:
+        raise RuntimeError("train the guide (or call it once) before neutra_nuts")
+    guide.requires_grad_(False)
+    try:
+        neutra = NeuTraReparam(guide)
+        mcmc = MCMC(NUTS(poutine.reparam(model, config=lambda _: neutra)), num_samples=num_samples,
+                    warmup_steps=warmup_steps, num_chains=num_chains, disable_progbar=True)
+        mcmc.run(*args, **kwargs)
+        z = [v for k, v in mcmc.get_samples().items() if k.endswith("_shared_latent")]
+        assert len(z) == 1, "expected one shared latent site"
+        with torch.no_grad():
+            return neutra.transform_sample(z[0])
+    finally:
+        guide.requires_grad_(True)
