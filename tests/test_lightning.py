@@ -1,0 +1,224 @@
+"""KRFlowModule and its callbacks: fast_dev_run, checkpoints, resumption, TensorBoard, DDP."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import krflows
+from krflows import callbacks
+from krflows.callbacks import DiagnosticsReport, SamplePlots, TrainingMetrics
+from krflows.lightning import KRFlowModule
+from krflows.objectives import NonFiniteTargetError
+
+SMALL = {"layers": 1, "hidden": (8,), "batch_size": 64}
+SCALARS = ["train/loss", "train/elbo", "train/ess", "train/pareto_k", "train/log_z", "train/grad_norm",
+           "train/lr", "train/beta", "train/dropped"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny flows train fastest on one thread (and much faster on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trainer(tmp_path=None, **kw) -> L.Trainer:
+    kw.setdefault("logger", False)
+    checkpoints = any(isinstance(c, ModelCheckpoint) for c in kw.get("callbacks", []))
+    kw.setdefault("enable_checkpointing", checkpoints)
+    return L.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=tmp_path, **kw)
+
+
+def params(module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.flow.parameters()]
+
+
+def test_fast_dev_run_with_all_callbacks():
+    module = KRFlowModule(target="banana", **SMALL)
+    t = trainer(fast_dev_run=True, callbacks=[TrainingMetrics(), SamplePlots(), DiagnosticsReport()])
+    t.fit(module)
+    assert t.global_step == 1 and module.last_batch is not None
+    assert module.flow.dim == 2 and module.hparams.target == "banana"
+
+
+def test_injected_flow_and_callable_target():
+    flow = krflows.KRFlow(3, layers=1, hidden=(8,))
+    module = KRFlowModule(flow=flow, target=lambda x: -0.5 * (x**2).sum(-1), batch_size=32,
+                          path_gradient=True)
+    assert module.flow is flow and module.target.dim == 3
+    assert "flow" not in module.hparams and "target" not in module.hparams
+    trainer(max_steps=3).fit(module)
+    assert all(torch.isfinite(p).all() for p in flow.parameters())
+
+
+def test_needs_max_steps():
+    with pytest.raises(ValueError, match="max_steps"):
+        trainer(max_epochs=1).fit(KRFlowModule(target="banana", **SMALL))
+
+
+def test_checkpoint_reloads_a_config_built_module(tmp_path):
+    module = KRFlowModule(target="bimodal2d", target_options={"separation": 6.0, "weights": [0.3, 0.7]},
+                          transform="bernstein", family_options={"degree": 6}, warmup=2, **SMALL)
+    t = trainer(tmp_path, max_steps=4, enable_checkpointing=True)
+    t.fit(module)
+    path = t.checkpoint_callback.best_model_path
+    loaded = KRFlowModule.load_from_checkpoint(path)
+    assert loaded.target.separation == 6.0 and loaded.hparams.transform == "bernstein"
+    assert all(torch.equal(a, b) for a, b in zip(params(module), params(loaded), strict=True))
+    assert loaded._warmed_up  # a fine-tuning run from here skips the warm-up
+
+
+def test_resume_equals_the_uninterrupted_run(tmp_path):
+    """Same seed: stop at step 6, resume to 12 == straight to 12 (warm-up, annealing, Adam, cosine)."""
+    def make():
+        return KRFlowModule(target="bimodal2d", anneal=0.5, warmup=3, seed=3, **SMALL)
+
+    full = make()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=6, save_top_k=-1)
+    trainer(max_steps=12, callbacks=[ckpt], log_every_n_steps=1).fit(full)
+    resumed = make()
+    before = params(resumed)
+    t = trainer(max_steps=12)
+    t.fit(resumed, ckpt_path=str(tmp_path / "step=6.ckpt"))
+    assert t.global_step == 12
+    assert not all(torch.equal(a, b) for a, b in zip(before, params(resumed), strict=True))
+    for a, b in zip(params(full), params(resumed), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a different seed draws differently
+    other = KRFlowModule(target="bimodal2d", anneal=0.5, warmup=3, seed=4, **SMALL)
+    trainer(max_steps=12).fit(other)
+    assert not all(torch.equal(a, b) for a, b in zip(params(full), params(other), strict=True))
+
+
+def test_tensorboard_scalars_images_histograms_and_report(tmp_path):
+    module = KRFlowModule(target="bimodal2d", warmup=2, **SMALL)
+    report = DiagnosticsReport(n_samples=500)
+    callbacks = [TrainingMetrics(), SamplePlots(every_n_steps=4, n_samples=200), report]
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    trainer(max_steps=8, logger=logger, log_every_n_steps=2, callbacks=callbacks).fit(module)
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0, "histograms": 0,
+                                                             "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in SCALARS:
+        values = [e.value for e in events.Scalars(tag)]
+        assert values and all(math.isfinite(v) for v in values), (tag, values)
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 3, 5, 7]  # Lightning: 0-based
+    assert [e.step for e in events.Images("samples")] == [3, 7]  # after steps 4 and 8, on that axis
+    assert "log_weights" in tags["histograms"]
+    assert any(t.startswith("report") for t in tags["tensors"])  # the markdown report (text plugin)
+    assert {"report/elbo", "report/ess", "report/pareto_k", "report/log_z"} <= set(tags["scalars"])
+    assert report.report is not None and "mode_weights" in report.report
+    assert all(os.path.exists(p) for p in report.paths)
+
+
+def test_basic_report_stands_in_for_diagnose(monkeypatch):
+    monkeypatch.delattr(krflows.diagnostics, "diagnose", raising=False)
+    target = krflows.targets.Bimodal2D(separation=6.0, weights=(0.3, 0.7))
+    report = callbacks.bias_report(krflows.KRFlow(2, layers=1, hidden=(8,)), target, n=1000)
+    assert isinstance(report, callbacks.BasicReport) and report["true_log_z"] == pytest.approx(target.log_z)
+    scalars = report.scalars()
+    assert {"elbo", "log_z", "log_z_se", "ess", "pareto_k", "mode_weight/1"} <= set(scalars)
+    assert scalars["true_mode_weight/0"] == pytest.approx(0.3)
+    assert "ESS / N" in report.to_markdown() and "verdict" in report.to_text()
+    assert json.loads(report.to_json())["n"] + report["n_dropped"] == 1000
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5])
+def test_plot_samples_is_an_rgb_image(dim):
+    target = krflows.targets.Gaussian(dim=dim) if dim != 2 else krflows.targets.Bimodal2D()
+    image = callbacks.plot_samples(torch.randn(300, dim), target)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
+
+
+def test_nan_on_half_the_batch_trains_on_and_logs_dropped(tmp_path):
+    def half_nan(x):
+        lp = -0.5 * (x**2).sum(-1)
+        return torch.where(x[..., 0] > 0, lp, torch.full_like(lp, math.nan))
+
+    module = KRFlowModule(flow=krflows.KRFlow(2, layers=1, hidden=(8,)), target=half_nan, batch_size=64,
+                          warmup=0)
+    t = trainer(max_steps=6, log_every_n_steps=2, callbacks=[TrainingMetrics()])
+    t.fit(module)
+    assert module.dropped > 0 and float(t.callback_metrics["train/dropped"]) > 0
+    assert all(torch.isfinite(p).all() for p in module.flow.parameters())
+
+
+def test_whole_bad_batch_raises_and_nonfinite_gradients_are_skipped():
+    module = KRFlowModule(flow=krflows.KRFlow(2, layers=1, hidden=(8,)), batch_size=32,
+                          target=lambda x: torch.full(x.shape[:-1], math.nan), warmup=0)
+    with pytest.raises(NonFiniteTargetError, match="NaN or inf at all 32"):
+        trainer(max_steps=2).fit(module)
+
+    def nan_gradient(x):  # finite values, NaN gradient (through the branch that is not taken)
+        return torch.where(x[..., 0] > 100, torch.sqrt(-x[..., 0] - 1), -0.5 * (x**2).sum(-1))
+
+    module = KRFlowModule(flow=krflows.KRFlow(2, layers=1, hidden=(8,)), target=nan_gradient,
+                          batch_size=32, warmup=0)
+    before = params(module)
+    trainer(max_steps=3).fit(module)
+    assert module.skipped == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, params(module), strict=True))
+
+
+RANK_DUMP = '''
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class RankDump(Callback):
+    """Saves each rank's first-step log-weights and final parameters."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1:
+            torch.save(pl_module.last_batch.log_w, f"{self.out}/draws{trainer.global_rank}.pt")
+
+    def on_train_end(self, trainer, pl_module):
+        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.flow.parameters()])
+        torch.save(flat, f"{self.out}/params{trainer.global_rank}.pt")
+'''
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """gloo DDP through the CLI: it finishes, the ranks draw different samples, parameters agree."""
+    (tmp_path / "rankdump.py").write_text(RANK_DUMP)
+    (tmp_path / "ddp.yaml").write_text(textwrap.dedent(f"""\
+        trainer:
+          callbacks:
+            - class_path: rankdump.RankDump
+              init_args: {{out: {tmp_path}}}
+        """))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "krflows.cli", "fit", "--config", str(tmp_path / "ddp.yaml"),
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+           "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false",
+           "--model.layers", "1", "--model.hidden", "[8]", "--model.batch_size", "64", "--model.warmup", "3",
+           "--report.n_samples", "500", "--plots.n_samples", "200",
+           "--root_dir", str(tmp_path / "runs"), "--name", "ddp"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    draws = [torch.load(tmp_path / f"draws{r}.pt") for r in (0, 1)]
+    assert not torch.allclose(draws[0], draws[1])
+    final = [torch.load(tmp_path / f"params{r}.pt") for r in (0, 1)]
+    torch.testing.assert_close(final[0], final[1])  # warm-up broadcast + DDP keep the ranks in step
+    assert (tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "runs" / "ddp" / "report.md").exists()
