@@ -230,6 +230,18 @@ class KRFlow(nn.Module):
         terms = Normal(0.0, 1.0).log_prob(z) - log_diag
         return terms[..., k:].sum(-1)
 
+    def interpolate(self, t: float):
+        r"""The displacement interpolation ``T_t = (1 - t) Id + t T`` pushed from the reference.
+
+        Monotone triangular for every ``t`` in ``[0, 1]``, so it has an exact density and
+        inverse: intermediate distributions for annealing, SMC and plots. See
+        :func:`krflows.ot.interpolate` (the W2 geodesic only when ``T`` is a Brenier map,
+        which a KR map is not in general).
+        """
+        from krflows.ot import interpolate
+
+        return interpolate(self, t)
+
     def extra_repr(self) -> str:
         order = "identity" if self.order is None else self.order.tolist()
         return (f"dim={self.dim}, family={self.family!r}, "

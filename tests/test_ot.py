@@ -321,3 +321,13 @@ def test_mala_rejects_moves_out_of_the_support():
     assert (out.x > 0).all() and torch.isfinite(out.x).all()
     with pytest.raises(ValueError, match="step"):
         ula(target, x0, 0.0, 10)
+
+
+def test_flow_interpolate_method_matches_the_function():
+    import krflows
+    from krflows.ot import interpolate
+
+    torch.manual_seed(0)
+    flow = krflows.KRFlow(2, layers=1, hidden=(8,)).double()
+    x = torch.randn(5, 2, dtype=torch.float64)
+    assert torch.allclose(flow.interpolate(0.4).log_prob(x), interpolate(flow, 0.4).log_prob(x))
