@@ -1,0 +1,59 @@
+"""The experiment scripts run end to end on a tiny budget (``--smoke``) and write their results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+SCRIPTS = ["separation_sweep", "true_gap", "uniqueness"]
+
+
+def run_smoke(name: str, out: Path) -> dict:
+    script = EXPERIMENTS / f"{name}.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, \
+        f"{script.name} --smoke failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    for suffix in (".md", ".png", ".json"):
+        path = out / f"{name}{suffix}"
+        assert path.is_file() and path.stat().st_size > 0, f"{path.name} was not written"
+    assert (out / f"{name}.png").stat().st_size < 300_000, "the figure should stay small"
+    assert "SMOKE" in (out / f"{name}.md").read_text()
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.mark.slow
+def test_separation_sweep_smoke(tmp_path):
+    result = run_smoke("separation_sweep", tmp_path)
+    for w0 in {e["w0"] for e in result["exact"]}:
+        exact = sorted((e for e in result["exact"] if e["w0"] == w0), key=lambda e: e["separation"])
+        slopes = [e["exact_log_slope_max"] for e in exact]
+        assert all(a < b for a, b in zip(slopes, slopes[1:], strict=False)), \
+            f"the exact KR map's valley slope must grow with the separation: {slopes}"
+        for e in exact:  # p_ref(z) = p(T(z)) T'(z): the maximum is at least the valley-bottom value
+            assert e["exact_log_slope_max"] >= e["predicted_log_slope"] - 1e-3
+    assert all(0 <= r["forward_ess"] <= 1 for r in result["runs"])
+
+
+@pytest.mark.slow
+def test_true_gap_smoke(tmp_path):
+    result = run_smoke("true_gap", tmp_path)
+    for e in result["exact"]:  # the exact map jumps over the whole gap
+        gap = result["config"]["gaps"][result["exact"].index(e)]
+        assert e["jump"] == pytest.approx(gap[1] - gap[0], abs=0.05)
+    for r in result["runs"]:
+        assert 0 < r["leak"] < 1, "a continuous flow always puts some mass in the gap"
+        if r["objective"].startswith("barrier"):
+            assert r["dropped_total"] == 0
+
+
+@pytest.mark.slow
+def test_uniqueness_smoke(tmp_path):
+    result = run_smoke("uniqueness", tmp_path)
+    for r in result["runs"]:
+        assert r["jac_upper_max"] == 0.0, "the learned map must be lower triangular"
+        if "Q_orthogonality" in r:  # Brenier = KR after a rotation of the reference
+            assert r["Q_orthogonality"] < 1e-4
