@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -127,12 +128,19 @@ def fit(
     params = [p for p in flow.parameters() if p.requires_grad]
     opt = adam(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr / 20)
-    start, dropped, skipped = time.perf_counter(), 0, 0
+    start, dropped, skipped, warned = time.perf_counter(), 0, 0, False
     for step in range(1, steps + 1):
         beta = temperature(step, steps, anneal, beta0)
         if objective == "reverse_kl":
             batch = reverse_kl(flow, target, batch_size, beta=beta, path_gradient=path_gradient)
             loss, log_w, dropped = batch.loss, batch.log_w, dropped + batch.dropped
+            if batch.dropped > 0.05 * batch.n and not warned:
+                warned = True
+                warnings.warn(
+                    f"{batch.dropped} of {batch.n} flow samples at step {step} had a non-finite target "
+                    "log density and were dropped. Where that means zero density (log p = -inf), "
+                    "dropping rewards the flow for leaking mass there (the kept samples' loss "
+                    "decreases); prefer a steep but finite log density (a barrier).", stacklevel=2)
         else:
             idx = torch.randint(0, samples.shape[0], (batch_size,), device=samples.device)
             loss, log_w = forward_kl(flow, samples[idx]), None
