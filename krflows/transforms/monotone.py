@@ -113,22 +113,31 @@ class Spline(MonotoneFamily):
         return params[..., 0], _positive(params[..., 1], self.min_slope), params[..., 2:]
 
     def _table(self, params: Tensor) -> Tensor:
-        """Knot table ``(*, 3, K+1)``: rows ``z_k``, ``x_k``, ``δ_k``."""
+        """Knot table ``(*, 3, K+1)``: rows ``z_k``, ``x_k`` and the *raw* slope parameters
+        (made positive only for the two knots of the bin a point falls in)."""
         K, B, m = self.bins, self.bound, self.min_width
         wh = torch.softmax(params[..., :2 * K].unflatten(-1, (2, K)), dim=-1) * (1 - K * m) + m
-        knots = F.pad(torch.cumsum(wh, -1), (1, 0)) * (2 * B) - B
-        delta = _positive(params[..., 2 * K:], self.min_slope)
-        return torch.cat([knots, delta.unsqueeze(-2)], -2)
+        if torch.compiler.is_compiling():
+            # Unrolled running sum: the compiler fuses it with the softmax into one loop,
+            # while cumsum would be a separate library call (and its backward another one).
+            partial = [wh[..., 0]]
+            for k in range(1, K):
+                partial.append(partial[-1] + wh[..., k])
+            cum = torch.stack(partial, -1)
+        else:  # eager: one cumsum kernel beats K small additions
+            cum = torch.cumsum(wh, -1)
+        knots = F.pad(cum, (1, 0)) * (2 * B) - B
+        return torch.cat([knots, params[..., 2 * K:].unsqueeze(-2)], -2)
 
-    @staticmethod
-    def _bin_ends(table: Tensor, row: int, v: Tensor) -> list[Tensor]:
+    def _bin_ends(self, table: Tensor, row: int, v: Tensor) -> list[Tensor]:
         """``z_k, w_k, x_k, h_k, δ_k, δ_{k+1}`` of the bin of ``v`` along knot row ``row``."""
         # Counting interior knots below v beats searchsorted for a handful of bins.
         idx = (v.unsqueeze(-1) >= table[..., row, 1:-1]).sum(-1, keepdim=True)
         idx = torch.cat([idx, idx + 1], -1).unsqueeze(-2).expand(*idx.shape[:-1], 3, 2)
         ends = table.gather(-1, idx)  # one gather for all six: (*, 3, 2)
         (z0, x0, d0), (z1, x1, d1) = ends[..., 0].unbind(-1), ends[..., 1].unbind(-1)
-        return [z0, z1 - z0, x0, x1 - x0, d0, d1]
+        # Only two of the K+1 slopes are needed per point: make just those positive.
+        return [z0, z1 - z0, x0, x1 - x0, _positive(d0, self.min_slope), _positive(d1, self.min_slope)]
 
     def forward(self, z, params):
         shift, scale, params = self._split(params)
@@ -141,11 +150,12 @@ class Spline(MonotoneFamily):
         return z, log_d + torch.log(scale)
 
     @staticmethod
-    def _log_slope(xi, s, d0, d1):
+    def _slope(xi, s, d0, d1):
+        """``dx/dz`` inside the bin, and the pieces the value needs."""
         t = xi * (1 - xi)
         den = s + (d1 + d0 - 2 * s) * t
         num = d1 * xi * xi + 2 * s * t + d0 * (1 - xi) * (1 - xi)
-        return torch.log(s * s * num / (den * den)), t, den
+        return s * s * num / (den * den), t, den
 
     def _spline(self, z, params):
         B = self.bound
@@ -153,11 +163,11 @@ class Spline(MonotoneFamily):
         z0, w, x0, h, d0, d1 = self._bin_ends(self._table(params), 0, zc)
         s = h / w
         xi = ((zc - z0) / w).clamp(0, 1)
-        log_d, t, den = self._log_slope(xi, s, d0, d1)
+        slope, t, den = self._slope(xi, s, d0, d1)
         x = x0 + h * (s * xi * xi + d0 * t) / den
         # Outside the box zc sits on the end knot, where the slope is the tail's δ_0 or δ_K:
-        # continuing linearly needs no branch, and log_d is already the tail's.
-        return x + (z - zc) * torch.exp(log_d), log_d
+        # continuing linearly needs no branch, and the slope is already the tail's.
+        return x + (z - zc) * slope, torch.log(slope)
 
     def _spline_inverse(self, x, params):
         B = self.bound
@@ -170,8 +180,8 @@ class Spline(MonotoneFamily):
         b = h * d0 - r * c1
         disc = (b * b + 4 * a * s * r).clamp_min(0)
         xi = ((-2 * s * r) / (-b - torch.sqrt(disc))).clamp(0, 1)
-        log_d, _, _ = self._log_slope(xi, s, d0, d1)
-        return z0 + xi * w + (x - xc) * torch.exp(-log_d), log_d
+        slope = self._slope(xi, s, d0, d1)[0]
+        return z0 + xi * w + (x - xc) / slope, torch.log(slope)
 
 
 class Bernstein(MonotoneFamily):
