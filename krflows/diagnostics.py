@@ -378,15 +378,19 @@ def _nearest_cost(a: Tensor, b: Tensor) -> float:
 
 
 def sinkhorn_divergence(x: Tensor, y: Tensor, reg: float) -> float:
-    r"""The debiased Sinkhorn divergence between two empirical measures (POT's ``sinkhorn2``).
+    r"""A debiased *sharp* Sinkhorn divergence between two empirical measures (POT's ``sinkhorn2``).
 
-    .. math:: S_\varepsilon(\mu, \nu) = \mathrm{OT}_\varepsilon(\mu, \nu)
-        - \tfrac12 \mathrm{OT}_\varepsilon(\mu, \mu) - \tfrac12 \mathrm{OT}_\varepsilon(\nu, \nu),
+    .. math:: S_\varepsilon(\mu, \nu) = W_\varepsilon(\mu, \nu)
+        - \tfrac12 W_\varepsilon(\mu, \mu) - \tfrac12 W_\varepsilon(\nu, \nu),
 
-    with squared Euclidean cost (units of :math:`x^2`), entropic regularization
-    :math:`\varepsilon` = ``reg``, uniform weights; as
-    ``ot.bregman.empirical_sinkhorn_divergence``, clipped at 0. Cost ``O(N M)`` memory and
-    time per iteration: use subsamples of a few thousand points.
+    where :math:`W_\varepsilon = \langle \gamma_\varepsilon, C\rangle` is the transport cost of the
+    entropic plan *without* its entropy term (what ``ot.sinkhorn2`` returns), squared Euclidean
+    cost (units of :math:`x^2`), :math:`\varepsilon` = ``reg``, uniform weights. Without the entropy
+    term nonnegativity is not guaranteed, so the value is clipped at 0. It is what
+    :func:`diagnose` reports (with a noise floor from a second exact sample); the regularized
+    divergence of Feydy et al. (2019), nonnegative by construction and with weights, is
+    :func:`krflows.ot.sinkhorn_divergence`. Both tend to :math:`W_2^2` as ``reg -> 0``.
+    Cost ``O(N M)`` memory and time per iteration: use subsamples of a few thousand points.
 
     Arguments:
         x: points ``(N, d)``; y: points ``(M, d)``.
