@@ -55,8 +55,11 @@ from torch import Tensor
 import krflows
 from krflows.diagnostics import ess
 
-LIBRARIES = ("krflows", "zuko", "nflows", "pyro")
-PEERS = LIBRARIES[1:]
+LIBRARIES = ("krflows", "krflows-compile", "zuko", "zuko-compile", "nflows", "pyro")
+COMPILED = ("krflows-compile", "zuko-compile")  # torch.compile'd hot paths; not in --quick's default
+# (numerator, denominator) of the ratio columns
+RATIOS = (("krflows", "zuko"), ("krflows", "nflows"), ("krflows", "pyro"),
+          ("krflows-compile", "zuko"), ("krflows-compile", "zuko-compile"))
 BIMODAL_WEIGHTS = (0.3, 0.7)
 
 
@@ -103,6 +106,23 @@ class Model:
 def build_krflows(d: int, s: Settings) -> Model:
     flow = krflows.KRFlow(d, "spline", layers=s.layers, hidden=s.hidden, bins=s.bins, bound=s.bound)
     return Model("krflows", flow, lambda n: flow.rsample_and_log_prob((n,)), flow.forward, flow.log_prob)
+
+
+def build_krflows_compiled(d: int, s: Settings) -> Model:
+    """The same flow with ``KRFlow.compile()``: sampling and log_prob through torch.compile."""
+    model = build_krflows(d, s)
+    model.module.compile()
+    return replace(model, name="krflows-compile")
+
+
+def build_zuko_compiled(d: int, s: Settings) -> Model:
+    """zuko's flow with its training hot path wrapped in ``torch.compile`` (one line for a zuko
+    user): the fair reference for krflows' compiled training step. Its ``log_prob`` (``d``
+    fixed-point passes per layer) stays eager: compiling the unrolled passes took minutes."""
+    model = build_zuko(d, s)
+    flow = model.module
+    sample = torch.compile(lambda n: flow().rsample_and_log_prob((n,)))
+    return Model("zuko-compile", flow, sample, model.sample_map, model.log_prob)
 
 
 def build_zuko(d: int, s: Settings) -> Model:
@@ -191,12 +211,17 @@ def build_pyro(d: int, s: Settings) -> Model:
 
 
 BUILDERS: dict[str, Callable[[int, Settings], Model]] = {
-    "krflows": build_krflows, "zuko": build_zuko, "nflows": build_nflows, "pyro": build_pyro}
+    "krflows": build_krflows, "krflows-compile": build_krflows_compiled, "zuko": build_zuko,
+    "zuko-compile": build_zuko_compiled, "nflows": build_nflows, "pyro": build_pyro}
 
 CONSTRUCTION = {
     "krflows": "`KRFlow(d, 'spline', layers=4, hidden=(64, 64), bins=8, bound=5)`: "
                "`rsample_and_log_prob` (T direction, one pass); spline + per-coordinate affine per "
                "layer, learned boundary slopes (linear tails), final lower-triangular affine stage",
+    "krflows-compile": "the krflows flow above after `flow.compile()` (torch.compile of "
+                       "`rsample_and_log_prob` and `log_prob`, default inductor backend)",
+    "zuko-compile": "the zuko flow below with `torch.compile(lambda n: flow().rsample_and_log_prob((n,)))`; "
+                    "`log_prob` eager",
     "zuko": "`Flow([LazyInverse(MaskedAutoregressiveTransform(d, order=arange(d), "
             "univariate=MonotonicRQSTransform(bound=5), hidden_features=(64, 64)))] * 4)`: "
             "`flow().rsample_and_log_prob` (inverse of each x -> z layer = its one-pass forward); "
@@ -364,6 +389,7 @@ def memory_probe(name: str, s: Settings) -> dict:
     """
     target = krflows.targets.Funnel(s.dim)
     trainer = Trainer(build(name, s.dim, s, s.seed), target, s.memory_batch, s.lr, guard=False)
+    trainer.step()  # untimed warm-up: Adam's state and (compiled libraries) the compilation
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -458,7 +484,8 @@ def train_quality(libs: list[str], s: Settings, log) -> dict[tuple[str, str], Qu
     out: dict[tuple[str, str], Quality] = {}
     for tname, target in make_targets(s).items():
         modes = tname == "bimodal"
-        for name in libs + (["krflows fit()"] if "krflows" in libs else []):
+        eager = [n for n in libs if n not in COMPILED]  # compiled = same numerics: not retrained
+        for name in eager + (["krflows fit()"] if "krflows" in libs else []):
             try:
                 out[name, tname] = _train_one(name, target, s, modes)
             except Exception as exc:  # noqa: BLE001 - one library failing must not end the run
@@ -514,18 +541,19 @@ def versions() -> dict[str, str]:
 
 
 def results_table(libs: list[str], s: Settings, params, timing, throughput, memory, quality) -> str:
-    peers = [p for p in PEERS if p in libs]
     has_fit = any(name == "krflows fit()" for name, _ in quality)
-    cols = (["krflows"] if "krflows" in libs else []) + (["krflows fit()"] if has_fit else []) + peers
-    ratio_cols = peers if "krflows" in libs else []
-    head = ["metric", *cols, *(f"krflows/{p}" for p in ratio_cols)]
+    cols = [n for n in LIBRARIES if n in libs]
+    if has_fit:
+        cols.insert(cols.index("krflows") + 1, "krflows fit()")
+    ratio_cols = [(a, b) for a, b in RATIOS if a in libs and b in libs]
+    head = ["metric", *cols, *(f"{a}/{b}" for a, b in ratio_cols)]
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
 
     def row(label: str, values: dict[str, float | None], text: dict[str, str] | None = None,
             ratios: bool = True) -> None:
         text = text or {}
         cells = [text.get(c, _fmt(values.get(c))) for c in cols]
-        rcells = [_ratio(values.get("krflows"), values.get(p)) if ratios else "—" for p in ratio_cols]
+        rcells = [_ratio(values.get(a), values.get(b)) if ratios else "—" for a, b in ratio_cols]
         rows.append("| " + " | ".join([label, *cells, *rcells]) + " |")
 
     row("trainable parameters", {n: float(v) for n, v in params.items()},
@@ -579,8 +607,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "runs much faster than 2 threads fighting over its cores)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
                    help="markdown file to (over)write (default benchmarks/RESULTS.md)")
-    p.add_argument("--libs", default=",".join(LIBRARIES),
-                   help=f"comma-separated subset of {','.join(LIBRARIES)}")
+    p.add_argument("--libs", help=f"comma-separated subset of {','.join(LIBRARIES)} (default: all; "
+                                  f"with --quick, all but the compiled ones: {','.join(COMPILED)})")
     p.add_argument("--no-memory", action="store_true", help="skip the per-library memory subprocesses")
     p.add_argument("--seed", type=int, default=0, help="seed of every initialisation and training run")
     p.add_argument("--memory-probe", metavar="LIB", help=argparse.SUPPRESS)
@@ -607,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, s)))
         return 0
+    if args.libs is None:
+        args.libs = ",".join(n for n in LIBRARIES if not (args.quick and n in COMPILED))
     libs = [n.strip() for n in args.libs.split(",") if n.strip()]
     unknown = sorted(set(libs) - set(LIBRARIES))
     if unknown:

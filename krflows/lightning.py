@@ -80,6 +80,8 @@ class KRFlowModule(L.LightningModule):
         warmup: affine warm-up steps (default ``min(200, max_steps // 5)``; 0: off).
         path_gradient: use the sticking-the-landing estimator (one inverse per step).
         seed: seeds the flow's initialization and every draw of the run.
+        compile: compile the built flow's hot paths (:meth:`krflows.KRFlow.compile`):
+            about half the CPU step time after a one-time compilation of tens of seconds.
 
     Example:
         >>> module = KRFlowModule(target="banana", layers=1, hidden=(8,))
@@ -108,6 +110,7 @@ class KRFlowModule(L.LightningModule):
         warmup: int | None = None,
         path_gradient: bool = False,
         seed: int = 0,
+        compile: bool = False,
     ):
         super().__init__()
         injected = [k for k, v in (("flow", flow), ("target", target)) if not isinstance(v, str | None)]
@@ -117,7 +120,8 @@ class KRFlowModule(L.LightningModule):
         self.target = as_target(target, dim=getattr(flow, "dim", None))
         if flow is None:
             with _seeded(torch.device("cpu"), seed, _INIT):
-                flow = KRFlow(self.target.dim, transform, layers, tuple(hidden), **(family_options or {}))
+                flow = KRFlow(self.target.dim, transform, layers, tuple(hidden), compile=compile,
+                              **(family_options or {}))
         self.flow = flow
         self.dropped = 0  # samples with a non-finite target, over the run (this rank)
         self.skipped = 0  # steps whose gradient was not finite

@@ -23,14 +23,45 @@ __all__ = ["MaskedLinear", "MaskedMLP"]
 
 
 class MaskedLinear(nn.Linear):
-    """A linear layer whose weight is multiplied by a fixed 0/1 mask ``(out, in)``."""
+    """A linear layer whose weight is multiplied by a fixed 0/1 mask ``(out, in)``.
 
-    def __init__(self, mask: Tensor, bias: bool = True):
+    When every row of the mask is a prefix (row ``r`` sees inputs ``< p_r``, ``p_r``
+    non-decreasing: a MADE mask with sorted degrees), large batches are computed in
+    ``blocks`` row blocks that each read only their inputs' prefix, skipping the
+    masked-out upper triangle (about a third of the multiply-adds of an autoregressive
+    network). Dense libraries (zuko, nflows) multiply those zeros. Same result.
+    """
+
+    #: batches of at least this many rows use the block products (below, one product is faster)
+    block_rows = 1024
+
+    def __init__(self, mask: Tensor, bias: bool = True, blocks: int = 3):
         super().__init__(mask.shape[1], mask.shape[0], bias=bias)
         self.register_buffer("mask", mask.to(self.weight.dtype))
+        self.blocks = _prefix_blocks(mask, blocks)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        w = self.weight * self.mask
+        if not self.blocks or x.shape[:-1].numel() < self.block_rows:
+            return F.linear(x, w, self.bias)
+        bias = self.bias if self.bias is not None else w.new_zeros(w.shape[0])
+        return torch.cat([F.linear(x[..., :p], w[r0:r1, :p], bias[r0:r1])
+                          for r0, r1, p in self.blocks], -1)
+
+
+def _prefix_blocks(mask: Tensor, n: int) -> list[tuple[int, int, int]]:
+    """Row blocks ``(r0, r1, p)`` of a prefix-shaped mask (``[]`` if it is not one, if the
+    layer is small, or if blocking saves under 15% of the products)."""
+    rows, cols = mask.shape
+    prefix = (mask != 0).sum(1)
+    if not torch.equal(mask != 0, torch.arange(cols) < prefix[:, None]) or \
+            bool((prefix[1:] < prefix[:-1]).any()) or n < 2 or rows * cols < 2048:
+        return []
+    inner = [int(torch.searchsorted(prefix, prefix[-1] * g / n, right=True)) for g in range(1, n)]
+    cuts = [0, *inner, rows]
+    blocks = [(a, b, int(prefix[b - 1])) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    cost = sum((b - a) * p for a, b, p in blocks)
+    return blocks if cost < 0.85 * rows * cols else []
 
 
 class MaskedMLP(nn.Module):

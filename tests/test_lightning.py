@@ -222,3 +222,14 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     torch.testing.assert_close(final[0], final[1])  # warm-up broadcast + DDP keep the ranks in step
     assert (tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "runs" / "ddp" / "report.md").exists()
+
+
+def test_compile_option_compiles_the_built_flow(monkeypatch):
+    """``KRFlowModule(compile=True)`` (CLI: ``--model.compile true``) compiles the flow it builds
+    (torch.compile itself is stubbed here; tests/test_flows.py runs the real compiler)."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: calls.append(fn.__name__) or fn)
+    module = KRFlowModule(target="banana", layers=1, hidden=(8,), compile=True)
+    assert set(module.flow._compiled) == {"push", "pull"} and calls == ["_push", "_pull"]
+    assert module.hparams.compile is True
+    assert not KRFlowModule(target="banana", layers=1, hidden=(8,)).flow._compiled

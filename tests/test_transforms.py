@@ -11,7 +11,7 @@ from conftest import FAMILY_NAMES, make_flow, randomized
 from torch.autograd.functional import jacobian
 
 import krflows
-from krflows.nn import MaskedMLP
+from krflows.nn import MaskedLinear, MaskedMLP
 from krflows.transforms import AutoregressiveTransform, LowerAffineTransform
 from krflows.transforms.monotone import FAMILIES
 
@@ -42,7 +42,20 @@ def _layer_full_passes(name):
     return build
 
 
+def _blocked_flow(name):
+    """A flow wide enough for block products, forced to use them at every batch size."""
+    def build():
+        flow = make_flow(name, D, hidden=(64, 64), std=0.1)  # 0.3 at fan-in 64: ill-conditioned
+        layers = [m for m in flow.modules() if isinstance(m, MaskedLinear)]
+        assert any(m.blocks for m in layers), "no layer of this flow uses block products"
+        for m in layers:
+            m.block_rows = 1
+        return flow.triangular
+    return build
+
+
 CASES = {f"layer-{n}": _layer(n) for n in FAMILY_NAMES}
+CASES.update({f"flow-{n}-blocked": _blocked_flow(n) for n in ("spline", "integrated")})
 CASES.update({f"layer-{n}-full-passes": _layer_full_passes(n) for n in ("spline", "bernstein")})
 CASES["lower-affine"] = _lower_affine
 CASES.update({f"flow-{n}": (lambda n=n: make_flow(n, D).triangular) for n in FAMILY_NAMES})
@@ -180,3 +193,27 @@ def test_incremental_inverse_matches_the_full_pass_inverse():
     z1, ld1 = layer.inverse_and_log_diag(x)
     z2, ld2 = generic.inverse_and_log_diag(x)
     assert torch.allclose(z1, z2, atol=1e-12) and torch.allclose(ld1, ld2, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(64, 8), (270, 64), (64, 64)])
+def test_block_products_equal_the_dense_masked_product(shape):
+    """Oracle: the dense masked product. Block products skip only masked-out weights."""
+    rows, cols = shape
+    g = torch.Generator().manual_seed(rows)
+    prefix = torch.sort(torch.randint(0, cols + 1, (rows,), generator=g)).values
+    layer = MaskedLinear((torch.arange(cols) < prefix[:, None]).double()).double()
+    randomized(layer, std=0.5, seed=cols)
+    x = torch.randn(2000, cols, dtype=torch.float64, generator=g)
+    dense = torch.nn.functional.linear(x, layer.weight * layer.mask, layer.bias)
+    out = layer(x)
+    assert bool(layer.blocks) == (rows * cols >= 2048)
+    assert torch.allclose(out, dense, atol=1e-12)
+    g1 = torch.autograd.grad(out.square().sum(), [layer.weight, layer.bias])
+    g2 = torch.autograd.grad(dense.square().sum(), [layer.weight, layer.bias])
+    assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(g1, g2, strict=True))
+
+
+def test_non_prefix_masks_use_the_dense_product():
+    mask = torch.ones(64, 64)
+    mask[3, 0] = 0  # row 3 is no longer a prefix
+    assert MaskedLinear(mask).blocks == []
