@@ -32,7 +32,8 @@ class MaskedLinear(nn.Linear):
     network). Dense libraries (zuko, nflows) multiply those zeros. Same result.
     """
 
-    #: batches of at least this many rows use the block products (below, one product is faster)
+    #: eager batches of at least this many rows use the block products (below, one product is
+    #: faster); compiled code always does
     block_rows = 1024
 
     def __init__(self, mask: Tensor, bias: bool = True, blocks: int = 3):
@@ -42,7 +43,8 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight * self.mask
-        if not self.blocks or x.shape[:-1].numel() < self.block_rows:
+        # compiled code has no per-kernel overhead to amortize: blocks pay at every batch size
+        if not self.blocks or not (torch.compiler.is_compiling() or x.shape[:-1].numel() >= self.block_rows):
             return F.linear(x, w, self.bias)
         bias = self.bias if self.bias is not None else w.new_zeros(w.shape[0])
         return torch.cat([F.linear(x[..., :p], w[r0:r1, :p], bias[r0:r1])
