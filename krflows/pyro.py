@@ -18,6 +18,7 @@ Note: this module is ``krflows.pyro``, but absolute imports are in force, so ins
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -39,6 +40,8 @@ from krflows.targets import Target, as_target
 
 __all__ = [
     "ModelPotential",
+    "SubsampledPotentialWarning",
+    "subsampled_plates",
     "potential_from_model",
     "AutoKRFlow",
     "importance_resample",
@@ -52,6 +55,10 @@ __all__ = [
 # model potentials
 
 
+class SubsampledPotentialWarning(UserWarning):
+    """A model potential built from a model that subsamples a plate: a noisy estimate."""
+
+
 class _Site(NamedTuple):
     name: str
     shape: torch.Size  # constrained value shape (plate dims included)
@@ -62,9 +69,27 @@ class _Site(NamedTuple):
     fn_event_dim: int
 
 
+def subsampled_plates(trace) -> dict[str, tuple[int, int]]:
+    """``{plate name: (subsample size, full size)}`` of the plates of a trace that subsample."""
+    out = {}
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        for f in site["cond_indep_stack"]:
+            if f.full_size is not None and f.size != f.full_size:
+                out[f.name] = (int(f.size), int(f.full_size))
+    return out
+
+
 def _latent_sites(trace) -> tuple[list[_Site], int]:
     """The continuous latent sites of a trace, in trace order, and the max plate nesting."""
     latents = [(name, site) for name, site in trace.iter_stochastic_nodes() if not site_is_subsample(site)]
+    local = [name for name, site in latents
+             if any(f.full_size is not None and f.size != f.full_size for f in site["cond_indep_stack"])]
+    if local:
+        raise ValueError(f"latent site(s) {local} lie in a subsampled plate: krflows models one fixed-size "
+                         f"joint latent, so local latents must be sampled in full (drop subsample_size "
+                         f"for their plate, or subsample only observed sites)")
     discrete = [name for name, site in latents
                 if getattr(site["fn"].support, "is_discrete", False)]
     if discrete:
@@ -105,12 +130,23 @@ class ModelPotential(Target):
     that batch dimension. If it does not, pass ``vectorize=False``: one model run per point
     (``n`` times slower, but it works for any fixed-structure model).
 
+    **Subsampling.** If the model subsamples a plate of observations
+    (``pyro.plate(..., subsample_size=b)``), every evaluation runs the model again and so
+    draws a fresh minibatch, scaled by ``N / b``: ``log_prob`` is then an unbiased but
+    *noisy* estimate of the full-data log density (one minibatch shared by the points of a
+    batch). That is fine for stochastic variational inference, and wrong for everything that
+    needs the density itself (:func:`independence_mh`, :func:`importance_resample`,
+    :func:`~krflows.diagnose`, NUTS): the constructor warns, and ``subsampled_plates``
+    names the plates. Build the potential of the full-data model instead (e.g. with
+    ``subsample_size=None``). Latent sites inside a subsampled plate raise ``ValueError``.
+
     Arguments:
         model: a Pyro model with continuous latent sites and fixed structure.
         args, kwargs: the model's arguments (kept; every evaluation uses them).
         vectorize: evaluate a batch in one model run (default) or one point at a time.
 
     Attributes:
+        subsampled_plates: ``{plate: (subsample size, full size)}``; empty for an exact potential.
         dim: the number of unconstrained coordinates.
         site_names: the latent sites, in the order of the coordinates.
         site_shapes: ``{name: constrained shape}``; ``unconstrained_shapes`` likewise.
@@ -132,6 +168,13 @@ class ModelPotential(Target):
     def __init__(self, model: Callable, *args, vectorize: bool = True, **kwargs):
         trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
         self._sites, self.max_plate_nesting = _latent_sites(trace)
+        self.subsampled_plates = subsampled_plates(trace)
+        if self.subsampled_plates:
+            warnings.warn(f"the model subsamples plate(s) {self.subsampled_plates} ((subsample, full) "
+                          f"sizes): this potential is a noisy minibatch estimate of the log density, "
+                          f"fine for stochastic VI but not for IMH, importance resampling, diagnose or "
+                          f"NUTS; build it from the full-data model (subsample_size=None) for those",
+                          SubsampledPotentialWarning, stacklevel=3)
         values = [trace.nodes[s.name]["value"].detach() for s in self._sites]
         dtype = torch.promote_types(values[0].dtype, torch.get_default_dtype())
         super().__init__(sum(s.size for s in self._sites), dtype=dtype, device=values[0].device)
@@ -291,6 +334,13 @@ class AutoKRFlow(AutoContinuous):
     Attributes (after the first call):
         flow: the :class:`~krflows.KRFlow`; ``potential``: the :class:`ModelPotential` of the
         first call's arguments (for :func:`independence_mh` and friends).
+
+    Minibatch SVI: the guide trains under ``pyro.plate(..., subsample_size=b)`` over
+    observations (the warm-up then uses the minibatch estimate of the log density, which
+    is unbiased, as VI needs). But the first call's potential would be a noisy minibatch
+    estimate, so ``potential`` raises ``ValueError`` for such a model: build the full-data
+    potential with :func:`potential_from_model` for IMH, SIR, ``diagnose`` and the like.
+    Latent sites inside a subsampled plate are not supported (``ValueError``).
     """
 
     def __init__(self, model: Callable, transform: str = "spline", layers: int = 2,
@@ -304,10 +354,22 @@ class AutoKRFlow(AutoContinuous):
         self._flow_args = dict(transform=transform, layers=layers, hidden=tuple(hidden), **flow_options)
         self._init_scale, self._warmup, self._warmup_batch = init_scale, warmup, warmup_batch
         self.flow = None
-        self.potential = None
+        self._potential = None
+
+    @property
+    def potential(self) -> ModelPotential | None:
+        """The model's potential for the first call's arguments (``None`` before it)."""
+        if self._potential is not None and self._potential.subsampled_plates:
+            raise ValueError(f"the model subsamples plate(s) {self._potential.subsampled_plates} "
+                             f"((subsample, full) sizes), so the guide's potential would be a noisy "
+                             f"minibatch estimate of log p: build the full-data one with "
+                             f"potential_from_model(model, *full_data_args) (subsample_size=None)")
+        return self._potential
 
     def _setup_prototype(self, *args, **kwargs):
-        potential = ModelPotential(self._raw_model[0], *args, **kwargs)  # names discrete sites
+        with warnings.catch_warnings():  # a minibatch potential is fine for the warm-up (VI)
+            warnings.simplefilter("ignore", SubsampledPotentialWarning)
+            potential = ModelPotential(self._raw_model[0], *args, **kwargs)  # names discrete sites
         super()._setup_prototype(*args, **kwargs)
         names = [name for name, _ in self.prototype_trace.iter_stochastic_nodes()]
         assert names == potential.site_names, f"site order differs: {names} vs {potential.site_names}"
@@ -317,7 +379,7 @@ class AutoKRFlow(AutoContinuous):
             flow.affine.initialize(loc, self._init_scale ** 2 * torch.eye(self.latent_dim).to(loc))
             if self._warmup > 0:
                 warm_up(flow, potential, steps=self._warmup, batch_size=self._warmup_batch)
-        self.potential = potential
+        self._potential = potential
         self.flow = flow  # registered with the param store (pyro.module) on first access
 
     def get_base_dist(self):
@@ -446,15 +508,17 @@ def independence_mh(flow, target, n_steps: int, x0: Tensor | None = None, batch_
 
 
 def neutra_nuts(model: Callable, guide: AutoKRFlow, num_samples: int, warmup_steps: int, *args,
-                num_chains: int = 1, **kwargs) -> dict[str, Tensor]:
+                num_chains: int = 1, max_tree_depth: int = 10, **kwargs) -> dict[str, Tensor]:
     r"""NUTS in the trained guide's reference space (NeuTra, Hoffman et al. 2019).
 
     The model is reparametrized by :class:`~pyro.infer.reparam.NeuTraReparam` so that NUTS
     samples ``z``; ``x = T(z)`` is then mapped to each site. The guide's parameters are
-    frozen during sampling.
+    frozen during sampling. ``args`` and ``kwargs`` are the model's; ``max_tree_depth`` is
+    NUTS's.
 
     Returns:
-        ``{site name: constrained samples (num_samples * num_chains, *shape)}``.
+        ``{site name: constrained samples (num_samples * num_chains, *shape)}``, with ``shape``
+        the site's shape in the guide's prototype trace (plate dims included).
     """
     from pyro.infer import MCMC, NUTS
     from pyro.infer.reparam import NeuTraReparam
@@ -464,12 +528,14 @@ def neutra_nuts(model: Callable, guide: AutoKRFlow, num_samples: int, warmup_ste
     guide.requires_grad_(False)
     try:
         neutra = NeuTraReparam(guide)
-        mcmc = MCMC(NUTS(poutine.reparam(model, config=lambda _: neutra)), num_samples=num_samples,
+        kernel = NUTS(poutine.reparam(model, config=lambda _: neutra), max_tree_depth=max_tree_depth)
+        mcmc = MCMC(kernel, num_samples=num_samples,
                     warmup_steps=warmup_steps, num_chains=num_chains, disable_progbar=True)
         mcmc.run(*args, **kwargs)
         z = [v for k, v in mcmc.get_samples().items() if k.endswith("_shared_latent")]
         assert len(z) == 1, "expected one shared latent site"
-        with torch.no_grad():
-            return neutra.transform_sample(z[0])
+        with torch.no_grad():  # NeuTraReparam.transform_sample fails on batches of plated sites
+            x = guide.get_transform()(z[0].reshape(-1, guide.latent_dim))
+            return guide._potential.unpack(x)
     finally:
         guide.requires_grad_(True)

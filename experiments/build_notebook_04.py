@@ -1,0 +1,174 @@
+"""Builds ``notebooks/04_pyro.ipynb`` (without outputs) from the cells below.
+
+Run ``python experiments/build_notebook_04.py``; then execute the notebook to check it, e.g.
+``KRFLOWS_NOTEBOOK_STEPS=150 python -m pytest tests/test_notebooks.py -q -k 04``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+PATH = Path(__file__).resolve().parent.parent / "notebooks" / "04_pyro.ipynb"
+
+CELLS: list[tuple[str, str]] = [
+    ("md", r"""# KR flows in Pyro: fit, measure the bias, remove it
+
+`krflows.pyro.AutoKRFlow` is a Pyro autoguide (the `AutoContinuous` family) whose posterior over
+the model's unconstrained latent space is a monotone triangular (KR) flow. This notebook
+
+1. fits it with plain `SVI` + `Trace_ELBO` to the eight-schools model and draws with `Predictive`;
+2. asks `krflows.diagnose` how biased the fitted flow is (importance weights `p̃/q` on the model's
+   potential, their ESS and Pareto k̂);
+3. removes the remaining bias with the flow as a *proposal*: NeuTra-NUTS (NUTS in the flow's
+   reference space), independence Metropolis–Hastings, and sampling-importance-resampling.
+
+The budget is read from `KRFLOWS_NOTEBOOK_STEPS` (CI runs it with 150, which makes every number
+below noisy; the text describes the default, 1500)."""),
+    ("code", r"""import os
+
+import matplotlib.pyplot as plt
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.optim import Adam
+
+import krflows
+from krflows.pyro import AutoKRFlow, importance_resample, independence_mh, neutra_nuts
+
+torch.set_num_threads(1)
+STEPS = int(os.environ.get("KRFLOWS_NOTEBOOK_STEPS", 1500))
+SVI_STEPS, MCMC_DRAWS = max(50, STEPS // 3), max(30, STEPS // 5)
+pyro.set_rng_seed(0)
+pyro.clear_param_store()"""),
+    ("md", r"""## The model: eight schools, non-centred
+
+Treatment effects `y_j ± sigma_j` of eight schools, a common mean `mu`, a spread `tau`
+(half-Cauchy prior) and the school effects `theta_j = mu + tau * theta_tilde_j`. A long NUTS run
+gives `mu = 4.4 ± 3.3`, `tau = 3.6 ± 3.2` (posterior mean ± sd); `tau`'s posterior has a heavy
+right tail and a lot of mass near 0, which is what makes this small model hard for
+variational inference."""),
+    ("code", r"""y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+
+def model(y, sigma):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("schools", y.shape[-1]):
+        theta_tilde = pyro.sample("theta_tilde", dist.Normal(0.0, 1.0))
+        theta = pyro.deterministic("theta", mu + tau * theta_tilde)
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+REFERENCE = {"mu": (4.4, 3.3), "tau": (3.6, 3.2)}"""),
+    ("md", r"""## 1. Variational inference with `AutoKRFlow`
+
+On its first call the guide builds the model's potential (the log joint on the unconstrained
+space, plus the Jacobians of `biject_to`) and fits the flow's affine stage to it by Gaussian VI,
+so the spline layers start in standardized units around the posterior. Then it is an ordinary
+autoguide: `SVI`, `Trace_ELBO`, `Predictive`."""),
+    ("code", r"""guide = AutoKRFlow(model, layers=2, hidden=(32, 32), warmup=200)
+svi = SVI(model, guide, Adam({"lr": 1e-2}), Trace_ELBO(num_particles=8, vectorize_particles=True))
+losses = [svi.step(y, sigma) for _ in range(SVI_STEPS)]
+
+plt.figure(figsize=(5, 3))
+plt.plot(losses)
+plt.yscale("symlog")
+plt.xlabel("SVI step")
+plt.ylabel("-ELBO")
+plt.show()
+
+draws = Predictive(model, guide=guide, num_samples=4000, parallel=True,
+                   return_sites=["mu", "tau", "theta"])(y, sigma)
+for name, (m, s) in REFERENCE.items():
+    v = draws[name].reshape(-1)
+    print(f"{name:>4}: flow {v.mean():5.2f} ± {v.std():4.2f}    reference {m} ± {s}")"""),
+    ("md", r"""With the default budget the flow's `mu` is within about half a unit of the reference (an
+eighth of a posterior sd), closer than Pyro's `AutoNormalizingFlow` gets on this model (about one
+sd off), because the affine stage starts at the right location and scale. Close moments do not
+prove an unbiased posterior, though: the importance weights below say how far the flow is from it.
+
+## 2. How biased is the flow? `krflows.diagnose`
+
+`guide.flow` is the `KRFlow` on the flat unconstrained latent (`mu`, `log tau`, `theta_tilde`),
+and `guide.potential` the model's unnormalized log posterior there, so the diagnostics of any
+krflows target apply. Without reference samples the report has the reverse measures: the
+ELBO, the importance weights' ESS and their Pareto k̂ (below 0.5: good; above 0.7: the weights'
+tail is too heavy to trust importance-weighted estimates)."""),
+    ("code", r"""report = krflows.diagnose(guide.flow, guide.potential, n=4000, seed=0, n_sub=300)
+print(report.to_text())"""),
+    ("md", r"""The ESS and k̂ say how much of the flow's mass the importance weights must move. The flow is a
+good *proposal* when k̂ is moderate, and then the bias can be removed exactly.
+
+## 3. Removing the bias
+
+* **NeuTra-NUTS**: NUTS on `z`, the flow's reference space, where the posterior is close to
+  `N(0, I)`. Exact (it is MCMC on the true posterior), with short trajectories when the flow is
+  good. It costs gradients of the model.
+* **Independence Metropolis–Hastings**: propose `x ~ q`, accept with `min(1, w(x')/w(x))`.
+  Exact as well; no gradients at all, but it sticks where `q` is too thin (low acceptance).
+* **Sampling-importance-resampling (SIR)**: resample flow draws by their weights. Consistent as
+  the number of proposals grows; trust it when k̂ < 0.7."""),
+    ("code", r"""pyro.set_rng_seed(1)
+neutra = neutra_nuts(model, guide, MCMC_DRAWS, MCMC_DRAWS, y, sigma)
+imh = independence_mh(guide.flow, guide.potential, n_steps=4000)
+sir = importance_resample(guide.flow, guide.potential, n=2000, m=20000)
+print(f"IMH acceptance rate {imh.acceptance_rate:.2f};  SIR: importance ESS {sir.ess:.3f} of 20000 proposals")
+
+def mu_tau(values):
+    return {k: values[k].reshape(-1) for k in ("mu", "tau")}
+
+
+estimates = {"flow alone": mu_tau(draws), "NeuTra-NUTS": mu_tau(neutra),
+             "flow-IMH": mu_tau(guide.potential.unpack(imh.samples)),
+             "flow + SIR": mu_tau(guide.potential.unpack(sir.samples))}
+print(f"{'':>12}  {'mu':>13}  {'tau':>13}   P(tau < 1)")
+for name, v in estimates.items():
+    mu, tau = v["mu"], v["tau"]
+    print(f"{name:>12}  {mu.mean():6.2f} ± {mu.std():4.2f}  {tau.mean():6.2f} ± {tau.std():4.2f}"
+          f"   {(tau < 1).double().mean():.3f}")
+print(f"{'reference':>12}  {4.4:6.2f} ± {3.3:4.2f}  {3.6:6.2f} ± {3.2:4.2f}   0.17")
+
+fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
+bins = torch.linspace(-4, 3.5, 50)
+for name, v in estimates.items():
+    ax[0].hist(v["tau"].log().clamp(-4, 3.5), bins=bins, density=True, histtype="step", lw=1.5, label=name)
+    ax[1].hist(v["mu"].clamp(-10, 20), bins=torch.linspace(-10, 20, 50), density=True, histtype="step",
+               lw=1.5)
+ax[0].set_xlabel("log tau")
+ax[1].set_xlabel("mu")
+ax[0].legend(fontsize=8)
+plt.show()"""),
+    ("md", r"""## What to take away
+
+* `AutoKRFlow` is a drop-in autoguide: `SVI`, `Trace_ELBO`, `Predictive` and `NeuTraReparam`
+  work as with Pyro's own guides; `guide.flow` and `guide.potential` give the krflows diagnostics.
+* The bias report comes first: the weights' ESS and k̂ tell whether importance weighting can be
+  trusted. With the default budget it reads ESS ≈ 0.4 and k̂ ≈ 0.5: a usable proposal. IMH, SIR
+  and NeuTra-NUTS then scatter around the reference; for `tau`, whose right tail is heavy, a few
+  thousand correlated or resampled draws leave a Monte-Carlo error of several tenths in its mean
+  and more in its sd, so read their differences against that error, not as bias.
+* Honest accounting: on this (non-centred) model plain NUTS is already excellent and cheaper in
+  gradient evaluations than training a flow; `experiments/two_philosophies.py` measures where each
+  approach wins (wall time, gradient evaluations, ESS per second, bias), including the centred
+  form, Neal's funnel and a label-switching mixture.
+* With a subsampled plate (minibatch SVI) the guide trains, but `guide.potential` refuses to act as
+  the density (it would be a noisy minibatch estimate): build the full-data one with
+  `krflows.pyro.potential_from_model(model, *full_data)` before IMH, SIR or `diagnose`."""),
+]
+
+
+def build() -> nbformat.NotebookNode:
+    cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    return nb
+
+
+if __name__ == "__main__":
+    nbformat.write(build(), PATH)
+    print(f"wrote {PATH}")
