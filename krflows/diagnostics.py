@@ -54,6 +54,7 @@ FORWARD_ESS_LOW = 0.5
 MODE_TV_HIGH = 0.05
 MISSING_RATIO, MISSING_MIN_EXPECTED = 0.1, 20.0
 DISTANCE_RATIO = 3.0
+JEFFREYS_HIGH = 10.0  # nats of EUBO - ELBO, beyond three standard errors
 SLOPE_QUANTILES = (0.01, 0.5, 0.99)
 
 
@@ -899,6 +900,10 @@ def _problems(e: dict, scale: float) -> list[str]:
             msg += (f", or is too wide in places (the forward weights' k̂ = "
                     f"{e['forward_pareto_k']:.2f} makes this ESS unreliable)")
         out.append(msg)
+    if e.get("jeffreys", 0.0) - 3 * e.get("eubo_se", 0.0) > JEFFREYS_HIGH:
+        out.append(f"EUBO - ELBO = {e['jeffreys']:.3g} nats: the flow gives almost zero density to "
+                   f"some of the target's draws (its tails are too light there), so tail "
+                   f"probabilities and the forward ESS are not to be trusted")
     k = e.get("pareto_k", math.nan)
     if k > PARETO_UNRELIABLE:
         out.append(f"k̂ = {k:.2f} > 0.7: importance-weighted estimates (log Z, expectations) are "
@@ -972,7 +977,8 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
     The verdict lists, most serious first: dropped samples; flow mass where :math:`\tilde p = 0`;
     missing modes (and their mass); mode TV > 0.05; valley mass above twice the target's;
     forward ESS < 0.5 (saying so when the forward weights' :math:`\hat k` > 0.7 makes it
-    unreliable); :math:`\hat k` > 0.7 (unreliable) or > 0.5; ESS < 0.05; both sample
+    unreliable); EUBO − ELBO above 10 nats beyond three standard errors (target draws where
+    the flow's density is almost zero); :math:`\hat k` > 0.7 (unreliable) or > 0.5; ESS < 0.05; both sample
     distances above 3x their floor; a large inverse residual. Else "no problems detected".
 
     Arguments:

@@ -111,7 +111,10 @@ class MaskedMLP(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def _clamp(self, out: Tensor) -> Tensor:
-        return self.bound * torch.tanh(out / self.bound)
+        # bound * tanh(out / bound), written as 2 sigmoid(2u) - 1: the same function, but ATen's
+        # and inductor's CPU tanh cost about twice a sigmoid (measured: 3.8 vs 2.0 ms eager,
+        # 2.2 vs 1.0 ms compiled, 4096 x 270 floats, one thread), on every conditioner output
+        return self.bound * (2 * torch.sigmoid(out * (2 / self.bound)) - 1)
 
     def forward(self, z: Tensor) -> Tensor:
         return self._clamp(self.out(self.hidden(z))).unflatten(-1, (self.dim, self.n_params))

@@ -348,3 +348,17 @@ def test_public_names():
     assert krflows.diagnose is diagnostics.diagnose
     assert "diagnose" in krflows.__all__
     assert diagnostics.ess(torch.zeros(5)) == pytest.approx(1.0)  # unchanged
+
+
+def test_light_tailed_flow_is_flagged_by_the_jeffreys_gap():
+    """A standard normal flow on N(0, 3² I_5): closed form EUBO - ELBO = KL(p||q) + KL(q||p)
+    = 5 · ½ (9 + 1/9 - 2) ≈ 17.8 nats > 10, so the verdict names the light tails."""
+    d = 5
+    target = targets.Gaussian(torch.zeros(d), 9 * torch.eye(d), dtype=torch.float64)
+    flow = KRFlow(d, transform="affine", layers=1, hidden=(4,)).double()  # the identity map
+    p = MultivariateNormal(torch.zeros(d, dtype=torch.float64), 9 * torch.eye(d, dtype=torch.float64))
+    q = MultivariateNormal(torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64))
+    exact = float(kl_divergence(p, q) + kl_divergence(q, p))
+    r = krflows.diagnose(flow, target, n=4000, seed=0, n_sub=200)
+    assert r["jeffreys"] == pytest.approx(exact, rel=0.1)
+    assert exact > 10 and "EUBO - ELBO" in r["verdict"], r["verdict"]

@@ -110,13 +110,22 @@ class Spline(MonotoneFamily):
         """``(shift, scale, spline params)``; identity affine part when ``affine=False``."""
         if not self.affine:
             return params.new_zeros(()), params.new_ones(()), params
-        return params[..., 0], _positive(params[..., 1], self.min_slope), params[..., 2:]
+        # split, not slicing: the backward of a split is one concatenation, while every slice
+        # would zero-fill a full-size gradient buffer
+        a, u, rest = params.split([1, 1, params.shape[-1] - 2], -1)
+        return a.squeeze(-1), _positive(u.squeeze(-1), self.min_slope), rest
 
     def _table(self, params: Tensor) -> Tensor:
         """Knot table ``(*, 3, K+1)``: rows ``z_k``, ``x_k`` and the *raw* slope parameters
         (made positive only for the two knots of the bin a point falls in)."""
         K, B, m = self.bins, self.bound, self.min_width
-        wh = torch.softmax(params[..., :2 * K].unflatten(-1, (2, K)), dim=-1) * (1 - K * m) + m
+        u, slopes = params.split([2 * K, K + 1], -1)
+        u = u.unflatten(-1, (2, K))
+        # softmax by hand: ATen's CPU softmax over a last dimension of 8 is about 4x slower
+        # (measured 12.9 vs 3.8 ms at 4096 x 10 x 2 x 8, one thread). The shift is detached:
+        # softmax does not depend on it, so its gradient is exactly zero anyway.
+        e = torch.exp(u - u.amax(-1, keepdim=True).detach())
+        wh = e * ((1 - K * m) / e.sum(-1, keepdim=True)) + m
         if torch.compiler.is_compiling():
             # Unrolled running sum: the compiler fuses it with the softmax into one loop,
             # while cumsum would be a separate library call (and its backward another one).
@@ -127,7 +136,7 @@ class Spline(MonotoneFamily):
         else:  # eager: one cumsum kernel beats K small additions
             cum = torch.cumsum(wh, -1)
         knots = F.pad(cum, (1, 0)) * (2 * B) - B
-        return torch.cat([knots, params[..., 2 * K:].unsqueeze(-2)], -2)
+        return torch.cat([knots, slopes.unsqueeze(-2)], -2)
 
     def _bin_ends(self, table: Tensor, row: int, v: Tensor) -> list[Tensor]:
         """``z_k, w_k, x_k, h_k, δ_k, δ_{k+1}`` of the bin of ``v`` along knot row ``row``."""
@@ -135,7 +144,7 @@ class Spline(MonotoneFamily):
         idx = (v.unsqueeze(-1) >= table[..., row, 1:-1]).sum(-1, keepdim=True)
         idx = torch.cat([idx, idx + 1], -1).unsqueeze(-2).expand(*idx.shape[:-1], 3, 2)
         ends = table.gather(-1, idx)  # one gather for all six: (*, 3, 2)
-        (z0, x0, d0), (z1, x1, d1) = ends[..., 0].unbind(-1), ends[..., 1].unbind(-1)
+        (z0, z1), (x0, x1), (d0, d1) = (row.unbind(-1) for row in ends.unbind(-2))
         # Only two of the K+1 slopes are needed per point: make just those positive.
         return [z0, z1 - z0, x0, x1 - x0, _positive(d0, self.min_slope), _positive(d1, self.min_slope)]
 
