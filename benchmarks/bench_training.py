@@ -83,12 +83,13 @@ class Settings:
     throughput_reps: int = 10
     memory_batch: int = 4096
     memory_steps: int = 3
+    memory_repeats: int = 5  # fresh subprocesses per library, interleaved; the median is reported
     seed: int = 0
 
 
 # --quick: every code path, small sizes (smoke test only; the numbers mean nothing)
 QUICK = dict(batches=(64, 512), warmup=1, rounds=2, block=2, steps=5, train_batch=64, eval_samples=1000,
-             throughput_batch=512, throughput_reps=1, memory_batch=512, memory_steps=1)
+             throughput_batch=512, throughput_reps=1, memory_batch=512, memory_steps=1, memory_repeats=1)
 
 
 # ============================================================================ the flows
@@ -406,23 +407,31 @@ def memory_probe(name: str, s: Settings) -> dict:
 
 
 def measure_memory(libs: list[str], s: Settings, threads: int, log) -> dict[str, float]:
+    """Median over ``s.memory_repeats`` interleaved fresh subprocesses per library (RSS-based
+    peaks move by several MiB from run to run with the allocator's caching)."""
     out: dict[str, float] = {}
     if not Path("/proc/self/status").exists():
         log("  skipped: needs Linux /proc")
         return out
-    for name in libs:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name,
-               "--threads", str(threads), "--memory-steps", str(s.memory_steps),
-               "--memory-batch", str(s.memory_batch), "--seed", str(s.seed)]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
-            probe = json.loads(res.stdout.strip().splitlines()[-1])
-        except (subprocess.SubprocessError, ValueError, IndexError) as exc:
-            log(f"  {name}: probe failed ({type(exc).__name__})")
-            continue
-        out[name] = probe["delta_mib"]
-        flag = " (high-water mark not reset and unchanged: a lower bound)" if probe["lower_bound"] else ""
-        log(f"  {name}: +{probe['delta_mib']:.1f} MiB over {probe['rss_before_mib']:.1f} MiB{flag}")
+    deltas: dict[str, list[float]] = {name: [] for name in libs}
+    for _ in range(s.memory_repeats):
+        for name in libs:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name,
+                   "--threads", str(threads), "--memory-steps", str(s.memory_steps),
+                   "--memory-batch", str(s.memory_batch), "--seed", str(s.seed)]
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+                probe = json.loads(res.stdout.strip().splitlines()[-1])
+            except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+                log(f"  {name}: probe failed ({type(exc).__name__})")
+                continue
+            if probe["lower_bound"]:
+                log(f"  {name}: high-water mark not reset and unchanged (a lower bound)")
+            deltas[name].append(probe["delta_mib"])
+    for name, values in deltas.items():
+        if values:
+            out[name] = statistics.median(values)
+            log(f"  {name}: +{out[name]:.1f} MiB (median of {', '.join(f'{v:.1f}' for v in values)})")
     return out
 
 
@@ -697,8 +706,8 @@ def main(argv: list[str] | None = None) -> int:
               "the inverse (d sequential passes per layer). Memory: peak RSS (`VmHWM` of "
               f"/proc/self/status, reset through /proc/self/clear_refs) over {s.memory_steps} training "
               "step(s) minus `VmRSS` just before them, in a fresh subprocess per library (model, "
-              "optimizer and target already built); it includes activations, gradients, Adam state "
-              "and allocator slack.",
+              "optimizer and target already built, one untimed step taken); it includes activations, "
+              f"gradients and allocator slack; median of {s.memory_repeats} interleaved subprocesses.",
               "",
               "## Construction and triangularity check", "",
               f"Jacobian dT/dz of each sampling map by autograd at one point (d = {s.dim}), after adding "
