@@ -406,6 +406,32 @@ def memory_probe(name: str, s: Settings) -> dict:
             "lower_bound": not reset and peak <= hwm_before}
 
 
+def saved_for_backward_mib(model: Model, target, batch: int) -> float:
+    """MiB of the distinct tensor storages a training step saves for its backward pass (the
+    activation memory, which grows with the batch): deterministic, unlike RSS peaks."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x, log_q = model.rsample_and_log_prob(batch)
+        loss = (log_q - target(x)).mean()
+    loss.backward()
+    model.module.zero_grad(set_to_none=True)
+    return sum(storages.values()) / 2 ** 20
+
+
+def measure_saved(libs: list[str], s: Settings, log) -> dict[str, float]:
+    target = krflows.targets.Funnel(s.dim)
+    out = {name: saved_for_backward_mib(build(name, s.dim, s, s.seed), target, s.memory_batch)
+           for name in libs}
+    log("  saved for backward: " + ", ".join(f"{n} {v:.1f} MiB" for n, v in out.items()))
+    return out
+
+
 def measure_memory(libs: list[str], s: Settings, threads: int, log) -> dict[str, float]:
     """Median over ``s.memory_repeats`` interleaved fresh subprocesses per library (RSS-based
     peaks move by several MiB from run to run with the allocator's caching)."""
@@ -549,7 +575,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def results_table(libs: list[str], s: Settings, params, timing, throughput, memory, quality) -> str:
+def results_table(libs: list[str], s: Settings, params, timing, throughput, memory, quality,
+                  saved: dict[str, float] | None = None) -> str:
     has_fit = any(name == "krflows fit()" for name, _ in quality)
     cols = [n for n in LIBRARIES if n in libs]
     if has_fit:
@@ -572,8 +599,11 @@ def results_table(libs: list[str], s: Settings, params, timing, throughput, memo
     tb = s.throughput_batch
     row(f"sample + log q, B={tb}, samples/s", {n: throughput.get((n, "sample")) for n in libs})
     row(f"log_prob at fresh x, B={tb}, samples/s", {n: throughput.get((n, "log_prob")) for n in libs})
+    if saved:
+        row(f"saved for backward in a train step, B={s.memory_batch}, MiB", {n: saved.get(n) for n in libs})
     if memory:
-        row(f"peak RSS increase of a train step, B={s.memory_batch}, MiB", {n: memory.get(n) for n in libs})
+        row(f"peak RSS increase of a train step, B={s.memory_batch}, MiB (median of "
+            f"{s.memory_repeats})", {n: memory.get(n) for n in libs})
     names = list(make_targets(s))
     for tname in names:
         vals = {n: quality[n, tname].ess for n, t in quality if t == tname}
@@ -669,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     timing = time_training(libs, s, log)
     log(f"throughput at B={s.throughput_batch}:")
     throughput = time_throughput(libs, s, log)
+    log(f"activation memory (tensors saved for backward, B={s.memory_batch}):")
+    saved = measure_saved(libs, s, log)
     memory = {}
     if not args.no_memory:
         log(f"memory (fresh subprocess per library, B={s.memory_batch}):")
@@ -676,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"training {s.steps} steps at B={s.train_batch} for ESS:")
     quality = train_quality(libs, s, log)
 
-    table = results_table(libs, s, params, timing, throughput, memory, quality)
+    table = results_table(libs, s, params, timing, throughput, memory, quality, saved)
     print(table)
     command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -707,7 +739,11 @@ def main(argv: list[str] | None = None) -> int:
               f"/proc/self/status, reset through /proc/self/clear_refs) over {s.memory_steps} training "
               "step(s) minus `VmRSS` just before them, in a fresh subprocess per library (model, "
               "optimizer and target already built, one untimed step taken); it includes activations, "
-              f"gradients and allocator slack; median of {s.memory_repeats} interleaved subprocesses.",
+              f"gradients and allocator slack; median of {s.memory_repeats} interleaved subprocesses "
+              "(it moves by tens of MiB between identical runs: glibc reuses the pages freed by the "
+              "untimed step). The deterministic measure is the row above it: the distinct tensor "
+              "storages saved for backward during one step (`torch.autograd.graph."
+              "saved_tensors_hooks`), the activation memory that grows with the batch.",
               "",
               "## Construction and triangularity check", "",
               f"Jacobian dT/dz of each sampling map by autograd at one point (d = {s.dim}), after adding "

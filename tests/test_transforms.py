@@ -217,3 +217,19 @@ def test_non_prefix_masks_use_the_dense_product():
     mask = torch.ones(64, 64)
     mask[3, 0] = 0  # row 3 is no longer a prefix
     assert MaskedLinear(mask).blocks == []
+
+
+def test_soft_clamp_is_b_tanh_with_exact_derivatives():
+    """Oracle: ``b * tanh(x / b)`` and its autograd derivatives (first and second order)."""
+    from krflows.nn import _SoftClamp
+
+    x = torch.linspace(-40, 40, 201, dtype=torch.float64, requires_grad=True)
+    y = _SoftClamp.apply(x, 8.0)
+    ref = 8.0 * torch.tanh(x / 8.0)
+    assert torch.allclose(y, ref, atol=1e-13)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x, create_graph=True)
+    assert torch.allclose(g, g_ref, atol=1e-13)
+    assert torch.allclose(torch.autograd.grad(g.sum(), x)[0], torch.autograd.grad(g_ref.sum(), x)[0],
+                          atol=1e-12)
+    assert bool((y.abs() < 8.0).all())
