@@ -136,3 +136,16 @@ def save_json(obj, path: Path) -> None:
         return v
 
     path.write_text(json.dumps(clean(obj), indent=1, allow_nan=False) + "\n")
+
+
+def write_notebook(cells: list[tuple[str, str]], path: Path) -> None:
+    """Writes a notebook without outputs from ``("md" | "code", source)`` cells (the builders
+    of ``notebooks/*.ipynb``; CI executes the result)."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src)
+                             for kind, src in cells])
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nbformat.write(nb, path)
+    print(f"wrote {path}")

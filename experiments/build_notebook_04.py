@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+import _common
 
 PATH = Path(__file__).resolve().parent.parent / "notebooks" / "04_pyro.ipynb"
 
@@ -162,13 +161,5 @@ plt.show()"""),
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    nb = new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-    return nb
-
-
 if __name__ == "__main__":
-    nbformat.write(build(), PATH)
-    print(f"wrote {PATH}")
+    _common.write_notebook(CELLS, PATH)

@@ -1,3 +1,8 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,3 +31,21 @@ def make_flow(family: str, dim: int = 3, std: float = 0.3, seed: int = 0, **kw) 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def run_smoke(name: str, out: Path) -> dict:
+    """Runs ``experiments/<name>.py --smoke --out out``; checks its three files; returns the JSON."""
+    script = EXPERIMENTS / f"{name}.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, \
+        f"{script.name} --smoke failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    for suffix in (".md", ".png", ".json"):
+        path = out / f"{name}{suffix}"
+        assert path.is_file() and path.stat().st_size > 0, f"{path.name} was not written"
+    assert (out / f"{name}.png").stat().st_size < 300_000, "the figure should stay small"
+    assert "SMOKE" in (out / f"{name}.md").read_text()
+    return json.loads((out / f"{name}.json").read_text())

@@ -1,29 +1,11 @@
 """The Pyro experiment (``experiments/two_philosophies.py``) runs end to end on a tiny budget."""
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import run_smoke
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 METHODS = {"NUTS", "flow", "flow+SIR", "flow-IMH", "NeuTra-NUTS"}
-
-
-def run_smoke(name: str, out: Path) -> dict:
-    script = EXPERIMENTS / f"{name}.py"
-    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], timeout=300,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, \
-        f"{script.name} --smoke failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    for suffix in (".md", ".png", ".json"):
-        path = out / f"{name}{suffix}"
-        assert path.is_file() and path.stat().st_size > 0, f"{path.name} was not written"
-    assert (out / f"{name}.png").stat().st_size < 300_000, "the figure should stay small"
-    assert "SMOKE" in (out / f"{name}.md").read_text()
-    return json.loads((out / f"{name}.json").read_text())
 
 
 @pytest.mark.slow
