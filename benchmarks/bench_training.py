@@ -221,7 +221,7 @@ CONSTRUCTION = {
                "layer, learned boundary slopes (linear tails), final lower-triangular affine stage",
     "krflows-compile": "the krflows flow above after `flow.compile()` (torch.compile of "
                        "`rsample_and_log_prob` and `log_prob`, default inductor backend)",
-    "zuko-compile": "the zuko flow below with `torch.compile(lambda n: flow().rsample_and_log_prob((n,)))`; "
+    "zuko-compile": "the zuko flow above with `torch.compile(lambda n: flow().rsample_and_log_prob((n,)))`; "
                     "`log_prob` eager",
     "zuko": "`Flow([LazyInverse(MaskedAutoregressiveTransform(d, order=arange(d), "
             "univariate=MonotonicRQSTransform(bound=5), hidden_features=(64, 64)))] * 4)`: "
@@ -724,7 +724,10 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["**`--quick` run: tiny settings for a smoke test; the numbers mean nothing.**", ""]
     lines += ["## Results", "", table, "",
               "Ratios are krflows (the matched architecture, same plain Adam loop as the peers) over "
-              "the peer: below 1 is better for times and memory, above 1 for throughput and ESS. "
+              "the peer, and krflows-compile over zuko (eager) and over zuko-compile (zuko's training "
+              "call under `torch.compile`, the like-for-like comparison): below 1 is better for times "
+              "and memory, above 1 for throughput and ESS. The compiled variants are not retrained for "
+              "the ESS rows (same model and numerics). "
               "`krflows fit()` is `KRFlow(d)` trained by `krflows.fit(flow, target, steps, batch_size)` "
               "(affine warm-up, cosine schedule, gradient clipping). ESS/N is the normalized importance "
               f"ESS of {s.eval_samples} fresh samples; samples with a non-finite log weight count as "
