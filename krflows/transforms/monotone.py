@@ -144,7 +144,7 @@ class Spline(MonotoneFamily):
         idx = (v.unsqueeze(-1) >= table[..., row, 1:-1]).sum(-1, keepdim=True)
         idx = torch.cat([idx, idx + 1], -1).unsqueeze(-2).expand(*idx.shape[:-1], 3, 2)
         ends = table.gather(-1, idx)  # one gather for all six: (*, 3, 2)
-        (z0, z1), (x0, x1), (d0, d1) = (row.unbind(-1) for row in ends.unbind(-2))
+        (z0, z1), (x0, x1), (d0, d1) = (pair.unbind(-1) for pair in ends.unbind(-2))
         # Only two of the K+1 slopes are needed per point: make just those positive.
         return [z0, z1 - z0, x0, x1 - x0, _positive(d0, self.min_slope), _positive(d1, self.min_slope)]
 
