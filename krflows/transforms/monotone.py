@@ -126,16 +126,22 @@ class Spline(MonotoneFamily):
         # softmax does not depend on it, so its gradient is exactly zero anyway.
         e = torch.exp(u - u.amax(-1, keepdim=True).detach())
         wh = e * ((1 - K * m) / e.sum(-1, keepdim=True)) + m
+        # Interior knots from the running sum of the first K-1 widths; the end knots are
+        # pinned to -B and B exactly (the full sum is 1 only up to rounding, and an end knot
+        # at B + 2e-15 made forward and inverse evaluate the tail slope at two different ξ
+        # slightly below 1, which in a steep bin compounded into nats of log-density error).
         if torch.compiler.is_compiling():
             # Unrolled running sum: the compiler fuses it with the softmax into one loop,
             # while cumsum would be a separate library call (and its backward another one).
             partial = [wh[..., 0]]
-            for k in range(1, K):
+            for k in range(1, K - 1):
                 partial.append(partial[-1] + wh[..., k])
-            cum = torch.stack(partial, -1)
+            cum = torch.stack(partial, -1) if K > 1 else wh[..., :0]
         else:  # eager: one cumsum kernel beats K small additions
-            cum = torch.cumsum(wh, -1)
-        knots = F.pad(cum, (1, 0)) * (2 * B) - B
+            cum = torch.cumsum(wh[..., :-1], -1)
+        edges = torch.zeros(K + 1, dtype=wh.dtype, device=wh.device)
+        edges[0], edges[-1] = -B, B
+        knots = F.pad(cum * (2 * B) - B, (1, 1)) + edges
         return torch.cat([knots, slopes.unsqueeze(-2)], -2)
 
     def _bin_ends(self, table: Tensor, row: int, v: Tensor) -> list[Tensor]:
@@ -174,9 +180,10 @@ class Spline(MonotoneFamily):
         xi = ((zc - z0) / w).clamp(0, 1)
         slope, t, den = self._slope(xi, s, d0, d1)
         x = x0 + h * (s * xi * xi + d0 * t) / den
-        # Outside the box zc sits on the end knot, where the slope is the tail's δ_0 or δ_K:
-        # continuing linearly needs no branch, and the slope is already the tail's.
-        return x + (z - zc) * slope, torch.log(slope)
+        # Outside the box: the line through the end knot (±B, ±B) with the tail's own slope
+        # δ_0 or δ_K, taken directly (not the inside formula at ξ ≈ 0 or 1), so that forward
+        # and inverse use the very same numbers and agree to rounding at any distance.
+        return self._tails(z, zc, x, slope, d0, d1)
 
     def _spline_inverse(self, x, params):
         B = self.bound
@@ -190,7 +197,21 @@ class Spline(MonotoneFamily):
         disc = (b * b + 4 * a * s * r).clamp_min(0)
         xi = ((-2 * s * r) / (-b - torch.sqrt(disc))).clamp(0, 1)
         slope = self._slope(xi, s, d0, d1)[0]
-        return z0 + xi * w + (x - xc) / slope, torch.log(slope)
+        return self._tails(x, xc, z0 + xi * w, slope, d0, d1, inverse=True)
+
+    @staticmethod
+    def _tails(v, vc, inside, slope, d0, d1, inverse=False):
+        """Linear continuation outside the box; returns the value and ``log dx/dz``.
+
+        ``v`` is the input (``z`` forward, ``x`` with ``inverse``), ``vc`` it clamped to the box
+        (the end knot, ±B in both coordinates, when outside), ``inside`` the in-box formula's
+        value at ``vc`` and ``slope`` its ``dx/dz`` there.
+        """
+        above, below = v > vc, v < vc
+        out = above | below
+        slope = torch.where(out, torch.where(above, d1, d0), slope)
+        step = (v - vc) / slope if inverse else (v - vc) * slope
+        return torch.where(out, vc + step, inside), torch.log(slope)
 
 
 class Bernstein(MonotoneFamily):
