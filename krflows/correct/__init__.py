@@ -1,0 +1,6 @@
+"""What removes bias: mode search (:func:`find_modes`) and the defensive mixture correction
+(:func:`debias`). No Pyro needed (Pyro potentials are accepted)."""
+
+from krflows.correct.modes import ModeSet, find_modes
+
+__all__ = ["ModeSet", "find_modes"]
