@@ -2,12 +2,15 @@
 elsewhere (the targets' exact means, weights, log Z and analytic modes; finite differences)."""
 
 
+import math
+
 import pytest
 import torch
 
 import krflows
 from krflows import KRFlow, targets
-from krflows.correct import ModeSet, find_modes
+from krflows.correct import DebiasResult, ModeSet, debias, find_modes
+from krflows.correct.mixture import student_t_log_prob
 from krflows.correct.modes import _hessian
 
 
@@ -173,4 +176,120 @@ def test_find_modes_seeded_and_errors():
 
 
 def test_exported():
-    assert krflows.find_modes is find_modes
+    assert krflows.find_modes is find_modes and krflows.debias is debias
+
+
+# =============================================================================================
+# debias
+
+
+def weighted_mode_weights(target, res: DebiasResult) -> torch.Tensor:
+    """The target's own mode assignment, weighted by the result's self-normalized weights."""
+    w = torch.softmax(res.log_weights, 0)
+    return torch.zeros(target.n_components, dtype=torch.float64).index_add_(0, target.assign(res.samples), w)
+
+
+def test_debias_recovers_the_mode_the_flow_never_samples():
+    target = two_modes()
+    flow = gaussian_flow([4.0, 0.0], torch.eye(2))  # all mass on the 0.7 mode
+    plain = debias(flow, target, n=20000, modes=None, seed=0)
+    assert weighted_mode_weights(target, plain)[0] < 0.01  # reweighting cannot create a mode
+    assert plain.log_z - target.log_z == pytest.approx(math.log(0.7), abs=0.01)
+    res = debias(flow, target, n=20000, seed=0)
+    torch.testing.assert_close(weighted_mode_weights(target, res), target.weights.double(), atol=0.01,
+                               rtol=0)
+    assert abs(res.log_z - target.log_z) < 4 * res.log_z_se and res.log_z_se < 0.01
+    assert res.ess > 0.5 and res.pareto_k < 0.5
+    assert res.proposal_weights.tolist() == [0.5, 0.35, 0.15] and res.components.bincount().tolist() == \
+        [10000, 7000, 3000]
+    torch.testing.assert_close(res.mode_weights, torch.tensor([0.7, 0.3], dtype=torch.float64), atol=0.01,
+                               rtol=0)
+    g = torch.Generator().manual_seed(0)
+    for method, tol in (("multinomial", 0.02), ("systematic", 0.005)):
+        draws = res.resample(10000, method=method, generator=g)
+        assert draws.shape == (10000, 2)
+        assert float((target.assign(draws) == 0).double().mean()) == pytest.approx(0.3, abs=tol)
+
+
+@pytest.mark.slow
+def test_debias_after_fit():
+    target = two_modes()
+    torch.manual_seed(0)
+    flow = KRFlow(2)
+    krflows.fit(flow, target, steps=200, batch_size=256)
+    res = debias(flow, target, n=20000, seed=0)
+    torch.testing.assert_close(weighted_mode_weights(target, res), target.weights.double(), atol=0.015,
+                               rtol=0)
+    assert abs(res.log_z - target.log_z) < 4 * res.log_z_se
+
+
+def test_debias_does_no_harm_on_a_gaussian():
+    mean = torch.tensor([1.0, -2.0])
+    cov = torch.tensor([[2.0, 0.6], [0.6, 1.0]])
+    target = targets.Gaussian(mean, cov)  # log Z exact
+    for flow in (gaussian_flow(mean, cov), gaussian_flow(mean + 0.5, 2.25 * cov)):
+        res = debias(flow, target, n=10000, seed=1)
+        assert len(res.modes) == 1
+        assert abs(res.log_z - target.log_z) < 4 * res.log_z_se and res.log_z_se < 0.01
+        assert res.ess > 0.7 and res.pareto_k < 0.5
+        est, se = res.expectation(lambda x: x)
+        assert ((est - mean.double()).abs() < 4 * se + 1e-3).all()
+
+
+def test_student_t_density_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    loc = torch.tensor([[1.0, -1.0], [0.0, 2.0]], dtype=torch.float64)
+    tril = torch.tensor([[[1.0, 0.0], [0.5, 2.0]], [[0.3, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    x = torch.randn(7, 2, dtype=torch.float64) * 2
+    ours = student_t_log_prob(x, loc, tril, 4.0)
+    for k in range(2):
+        ref = stats.multivariate_t(loc[k].numpy(), (tril[k] @ tril[k].T).numpy(), df=4.0).logpdf(x.numpy())
+        torch.testing.assert_close(ours[:, k], torch.as_tensor(ref), atol=1e-10, rtol=1e-10)
+
+
+def test_debias_pyro_potential_and_guide():
+    pyro = pytest.importorskip("pyro")
+    dist = pytest.importorskip("pyro.distributions")
+    integrate, stats = pytest.importorskip("scipy.integrate"), pytest.importorskip("scipy.stats")
+    from krflows.pyro import AutoKRFlow, potential_from_model
+
+    model = _two_mode_model(pyro, dist)
+    potential = potential_from_model(model)
+    modes = find_modes(potential, n_starts=64, seed=0)
+    flow = gaussian_flow(modes.locations[0], modes.covariances[0])  # the 0.7 mode only
+    res = debias(flow, potential, n=8000, modes=modes, seed=0)
+    # log Z = log sum_k w_k N(m_k; 0, 101 I) + log int HalfNormal(s; 2) prod_i N(y_i; 0, s) ds
+    y = [0.5, -1.0, 2.0]
+    z_s = integrate.quad(lambda s: stats.halfnorm(scale=2).pdf(s) * stats.norm(0, s).pdf(y).prod(), 0,
+                         math.inf)[0]
+    normal = stats.multivariate_normal([0.0, 0.0], 101.0)
+    log_z = math.log(z_s * (0.3 * normal.pdf([-4.0, 0.0]) + 0.7 * normal.pdf([4.0, 0.0])))
+    assert abs(res.log_z - log_z) < 4 * res.log_z_se
+    torch.testing.assert_close(res.mode_weights, torch.tensor([0.7, 0.3], dtype=torch.float64), atol=0.02,
+                               rtol=0)
+    sites = res.unpack()
+    assert sites["mu"].shape == (8000, 2) and sites["s"].shape == (8000,) and bool((sites["s"] > 0).all())
+    assert res.unpack(res.resample(5))["mu"].shape == (5, 2)
+
+    pyro.clear_param_store()
+    guide = AutoKRFlow(model, warmup=0)
+    guide()
+    guide.flow.affine.initialize(modes.locations[0].float(), modes.covariances[0].float())
+    res = guide.debias(n=4000, modes=modes, seed=0)
+    assert abs(res.log_z - log_z) < 4 * res.log_z_se
+    assert float(res.mode_weights[1]) == pytest.approx(0.3, abs=0.03)
+
+
+def test_debias_errors():
+    target = two_modes()
+    flow = gaussian_flow([4.0, 0.0], torch.eye(2))
+    with pytest.raises(ValueError, match="alpha"):
+        debias(flow, target, n=100, alpha=0.0)
+    with pytest.raises(ValueError, match="modes must be"):
+        debias(flow, target, n=100, modes="nearest")
+    res = debias(flow, target, n=200, modes=None, seed=0)
+    assert res.modes is None and res.proposal_weights.tolist() == [1.0]
+    with pytest.raises(ValueError, match="no unpack"):
+        res.unpack()
+    with pytest.raises(ValueError, match="method"):
+        res.resample(3, method="stratified")
