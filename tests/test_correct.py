@@ -280,6 +280,19 @@ def test_debias_pyro_potential_and_guide():
     assert float(res.mode_weights[1]) == pytest.approx(0.3, abs=0.03)
 
 
+def test_debias_leaves_out_modes_too_light_to_draw():
+    target = two_modes()
+    flow = gaussian_flow([4.0, 0.0], torch.eye(2))
+    modes = find_modes(target, box=(-10.0, 10.0), n_starts=32, seed=0)
+    light = modes[[0, 1]]
+    light.log_mass = light.log_mass + torch.tensor([0.0, -40.0], dtype=torch.float64)  # ~e^-40 weight
+    assert len(modes[0]) == 1 and len(light) == 2
+    res = debias(flow, target, n=1000, modes=light, seed=0)
+    assert res.components.bincount(minlength=3).tolist() == [500, 500, 0]
+    assert math.isfinite(res.log_z)  # the flow and mode 0 only: mode 1 is missed again
+    assert res.log_z - target.log_z == pytest.approx(math.log(0.7), abs=0.05)
+
+
 def test_debias_errors():
     target = two_modes()
     flow = gaussian_flow([4.0, 0.0], torch.eye(2))

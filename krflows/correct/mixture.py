@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from krflows.correct.modes import ModeSet, find_modes
+from krflows.correct.modes import ModeSet, _chunks, _flow_device, _mahalanobis, find_modes
 from krflows.diagnostics import ess as _ess
 from krflows.diagnostics import log_z_estimate, pareto_k, self_normalized
 from krflows.targets import Target, as_target
@@ -44,11 +44,10 @@ def student_t_log_prob(x: Tensor, loc: Tensor, scale_tril: Tensor, df: float) ->
         True
     """
     d = x.shape[-1]
-    diff = (x[None] - loc[:, None]).mT  # (k, d, n)
-    maha = torch.linalg.solve_triangular(scale_tril, diff, upper=False).square().sum(1)  # (k, n)
+    maha = torch.cat([_mahalanobis(c, loc, scale_tril) for c in _chunks(x, loc.shape[0])]).square()
     log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     const = math.lgamma(0.5 * (df + d)) - math.lgamma(0.5 * df) - 0.5 * d * math.log(df * math.pi)
-    return (const - log_det[:, None] - 0.5 * (df + d) * torch.log1p(maha / df)).mT
+    return const - log_det - 0.5 * (df + d) * torch.log1p(maha / df)
 
 
 def student_t_sample(counts: list[int], loc: Tensor, scale_tril: Tensor, df: float) -> Tensor:
@@ -216,8 +215,8 @@ def debias(flow, target, n: int = 20000, *, modes: str | ModeSet | None = "searc
     if df <= 0:
         raise ValueError(f"df must be positive, got {df}")
     target = as_target(target, dim=flow.dim)
-    ref = flow._ref
-    devices = [ref.device] if ref.device.type == "cuda" else []
+    device = _flow_device(flow) or target.device
+    devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.no_grad():
         if seed is not None:
             torch.manual_seed(seed)
@@ -231,19 +230,21 @@ def debias(flow, target, n: int = 20000, *, modes: str | ModeSet | None = "searc
 
 
 def _debias(flow, target, n: int, modes: ModeSet | None, alpha: float, df: float) -> DebiasResult:
-    ref = flow._ref
     k = 0 if modes is None else len(modes)
     probs = torch.tensor([1.0], dtype=torch.float64)
     if k:
         probs = torch.cat([probs.new_tensor([alpha]), (1 - alpha) * modes.weights.double().cpu()])
     counts = _allocate(n, probs)
     probs = torch.tensor(counts, dtype=torch.float64) / n  # the mixture weights actually used
+    used = [j for j in range(1, len(counts)) if counts[j] > 0]  # modes too light to draw: left out
     x_flow, log_q_flow = flow.rsample_and_log_prob((counts[0],))
     parts, log_q = [x_flow], [log_q_flow.double()]
+    k = len(used)
     if k:
-        loc = modes.locations.to(dtype=torch.float64, device=ref.device)
-        tril = modes.scale_trils.to(dtype=torch.float64, device=ref.device)
-        x_t = student_t_sample(counts[1:], loc, tril, df).to(ref.dtype)
+        sub = modes[[j - 1 for j in used]]
+        loc = sub.locations.to(dtype=torch.float64, device=x_flow.device)
+        tril = sub.scale_trils.to(dtype=torch.float64, device=x_flow.device)
+        x_t = student_t_sample([counts[j] for j in used], loc, tril, df).to(x_flow.dtype)
         parts.append(x_t)
         log_q.append(flow.log_prob(x_t).double() if x_t.shape[0] else x_t.new_zeros(0).double())
     x = torch.cat(parts)
@@ -251,7 +252,7 @@ def _debias(flow, target, n: int, modes: ModeSet | None, alpha: float, df: float
     terms = [log_q_flow + math.log(probs[0]) if probs[0] > 0 else torch.full_like(log_q_flow, -math.inf)]
     if k:
         log_t = student_t_log_prob(x.double(), loc, tril, df)  # (n, k)
-        terms.append(log_t + probs[1:].to(log_t).log())
+        terms.append(log_t + probs[used].to(log_t).log())
     log_q_mix = torch.logsumexp(torch.cat([terms[0][:, None], *terms[1:]], 1), 1)
     log_p = _finite(target.log_prob(x).double())
     log_w = _finite(log_p - log_q_mix)

@@ -84,13 +84,19 @@ class ModeSet:
         """Lower Cholesky factors of ``covariances``, ``(k, d, d)``."""
         return torch.linalg.cholesky(self.covariances)
 
+    def __getitem__(self, index) -> ModeSet:
+        """The modes selected by ``index`` (an int, slice, index or bool tensor), as a ModeSet."""
+        if isinstance(index, int):
+            index = [index]
+        return ModeSet(self.locations[index], self.log_density[index], self.log_mass[index],
+                       self.covariances[index], self.negative_definite[index], dict(self.stats))
+
     def mahalanobis(self, x: Tensor) -> Tensor:
         r"""Distances :math:`\lVert L_k^{-1}(x - \mu_k) \rVert` of points ``(n, d)`` to every mode,
         each in its own metric :math:`\Sigma_k = L_k L_k^\top`; returns ``(n, k)``."""
         x = self._points(x)
-        diff = (x[None] - self.locations[:, None]).mT  # (k, d, n)
-        w = torch.linalg.solve_triangular(self.scale_trils, diff, upper=False)
-        return w.square().sum(1).sqrt().mT
+        tril = self.scale_trils
+        return torch.cat([_mahalanobis(chunk, self.locations, tril) for chunk in _chunks(x, len(self))])
 
     def log_responsibilities(self, x: Tensor) -> Tensor:
         r"""Log posterior probabilities ``(n, k)`` of the modes under the Laplace mixture
@@ -137,6 +143,18 @@ class ModeSet:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (n, {self.dim}), got {got}")
         return x.to(self.locations)
+
+
+def _mahalanobis(x: Tensor, loc: Tensor, scale_tril: Tensor) -> Tensor:
+    """``|L_k^{-1}(x_i - mu_k)|`` of points ``(n, d)`` for modes ``(k, d)``, ``(k, d, d)``: ``(n, k)``."""
+    diff = (x[None] - loc[:, None]).mT  # (k, d, n)
+    return torch.linalg.solve_triangular(scale_tril, diff, upper=False).square().sum(1).sqrt().mT
+
+
+def _chunks(x: Tensor, k: int, budget: int = 2**22) -> tuple[Tensor, ...]:
+    """``x`` split along its first dim so that a ``(k, d, chunk)`` temporary stays near ``budget``."""
+    size = max(1, budget // max(1, k * x.shape[-1]))
+    return torch.split(x, size) if x.shape[0] else (x,)
 
 
 # =============================================================================================
@@ -380,6 +398,14 @@ def _infer_dim(target, flow, starts, box) -> int | None:
     return None
 
 
+def _flow_device(flow) -> torch.device | None:
+    base = getattr(flow, "base", None)
+    if base is not None:
+        return base.mean.device
+    params = list(flow.parameters()) if hasattr(flow, "parameters") else []
+    return params[0].device if params else None
+
+
 def _working_dtype(target: Target, dtype, device) -> torch.dtype:
     """float64 when the target accepts it (krflows targets, most callables), else its own."""
     if dtype is not None:
@@ -395,7 +421,7 @@ def _working_dtype(target: Target, dtype, device) -> torch.dtype:
 
 def find_modes(target, flow=None, *, starts: Tensor | None = None, n_starts: int = 256,
                box: tuple | None = None, prior: bool | None = None, inflate: float = 3.0,
-               adam_steps: int = 100, newton_steps: int | None = None, lr: float = 0.05,
+               adam_steps: int = 25, newton_steps: int | None = None, lr: float = 0.05,
                merge_radius: float = 1.0, tol: float = 1e-8,
                eigenvalue_floor: float | None = None, dtype: torch.dtype | None = None,
                seed: int | None = None) -> ModeSet:
@@ -416,17 +442,19 @@ def find_modes(target, flow=None, *, starts: Tensor | None = None, n_starts: int
     **Search**, all points in one batch (:math:`\log\tilde p` of a batch is a sum of
     independent terms, so the batch's gradient and Hessian rows are per point):
     ``adam_steps`` of Adam in coordinates standardized by the starts' spread (a step of
-    about ``lr`` spreads per coordinate, cosine-decayed), which carries every start into a
-    basin; then up to ``newton_steps`` saddle-free Newton steps
+    about ``lr`` spreads per coordinate whatever the gradient's size, cosine-decayed): a short
+    walk uphill; then up to ``newton_steps`` saddle-free Newton steps
     :math:`x \leftarrow x + t\, V |\Lambda|^{-1} V^\top g` (:math:`-H = V \Lambda V^\top`,
-    :math:`|\Lambda|` floored), ``t`` the best of 7 step sizes in ``[1/256, 1]`` evaluated in
-    one batch, until the Newton decrement :math:`g^\top |{-H}|^{-1} g` is below ``tol`` nats
-    (or the rounding level of :math:`\log\tilde p`). Hessians by autograd: ``d`` backward passes
-    of the batch, vmapped where possible.
+    :math:`|\Lambda|` floored, the step capped at one spread per coordinate), ``t`` the best
+    of 7 step sizes in ``[1/256, 1]`` evaluated in one batch, until the Newton decrement
+    :math:`g^\top |{-H}|^{-1} g` is below ``tol`` nats (or the rounding level of
+    :math:`\log\tilde p`). Hessians by autograd: ``d`` backward passes of the batch, vmapped
+    where possible (``is_grads_batched``), so any twice-differentiable target works.
 
     **Classification** at the end, from the eigenvalues :math:`\lambda` of :math:`-H`
     (:math:`\epsilon = \sqrt{\text{machine eps}} \cdot \max|\lambda|`):
-    not converged (decrement above tolerance, or :math:`\log\tilde p` not finite): dropped;
+    not converged (decrement above 10 times the tolerance, or :math:`\log\tilde p` not
+    finite; e.g. a density unbounded at a funnel neck): dropped;
     a saddle (:math:`\lambda_{\min} < -\epsilon`: an ascent direction exists): dropped;
     :math:`\lambda_{\min} > \epsilon`: a strict maximum, ``negative_definite = True``;
     otherwise (flat ridge, funnel neck: :math:`|\lambda_{\min}| \le \epsilon`) kept with
@@ -441,17 +469,27 @@ def find_modes(target, flow=None, *, starts: Tensor | None = None, n_starts: int
     **Deduplication**: highest density first, a point is merged into a kept mode when each
     lies within Mahalanobis distance ``merge_radius`` of the other under its own covariance.
 
-    **Cost.** In batch passes over the ``n`` starts: ``adam_steps`` gradients, then per
-    Newton iteration one gradient, ``d`` Hessian rows and 7 line-search evaluations (of the
-    points still active), then one Hessian: at most about
-    ``adam_steps + (newton_steps + 1)(d + 1) + 7 newton_steps``, i.e. 100 + 231 + 140 for
-    ``d = 10`` and about 500 for ``d = 100`` (the default ``newton_steps`` shrinks with ``d``),
-    against 500 target gradients *plus* 500 flow passes for 500 training steps at batch ``n``.
-    Measured on 2 shared CPU cores, ``n_starts = 256``: the 0.3/0.7 two-mode 2-D mixture with
-    a default ``KRFlow(2)`` given, 0.15 s (118 batch evaluations, 109 gradient passes) against
-    13.7 s for 500 training steps of that flow at batch 256; a 10-D four-mode mixture with
-    ``KRFlow(10)``, 0.2 s against 19 s; a 3-D Pyro model (prior starts, 256 model runs
-    included), 1.4 s against about 30 s; ``Funnel(10)``, 0.3 s (331 gradient passes).
+    **Cost.** In passes over the batch of ``n`` starts (only the points still active count):
+    ``adam_steps`` gradients; per Newton iteration one gradient, ``d`` Hessian rows and 7
+    forward line-search evaluations; one final Hessian. At most
+    ``adam_steps + (newton_steps + 1)(d + 1)`` backward passes, which the default
+    ``newton_steps`` keeps near 330 for every ``d`` (333 for ``d = 10``), plus
+    ``7 newton_steps`` forward passes; 500 training steps at batch ``n`` cost 500 target
+    gradients *plus* 500 forward/backward passes of the flow. Measured (2 shared CPU cores,
+    ``n_starts = 256``, median of 3; 500 steps of ``fit(KRFlow(d), ..., batch_size=256)``):
+
+    =============================  ===========  ======  ===========  =============
+    target (starts)                find_modes   modes   grad passes  500 steps
+    =============================  ===========  ======  ===========  =============
+    0.3/0.7 mixture, 2-D (flow)    0.07 s       2       37           21 s
+    4-mode mixture, 10-D (flow)    0.11 s       4       69           20 s
+    eight schools, Pyro (prior)    0.86 s       1       333          22 s
+    ``Funnel(10)`` (box)           0.28 s       1       333          22 s
+    =============================  ===========  ======  ===========  =============
+
+    Adam alone (300 steps) left most starts unconverged on Banana and TwoMoons; Newton alone
+    converged as well as Adam + Newton; the short Adam phase is kept as a cheap guard against
+    starts where the Hessian is uninformative.
 
     Arguments:
         target: a krflows target or a callable ``log_prob(x) -> (n,)``.
@@ -462,7 +500,7 @@ def find_modes(target, flow=None, *, starts: Tensor | None = None, n_starts: int
         prior: draw starts from a Pyro model's prior (default: when the target is a Pyro potential).
         inflate: the flow samples' and the derived box's inflation factor.
         adam_steps, lr: the Adam phase (``lr`` in units of the starts' spread).
-        newton_steps: Newton iterations at most (default ``min(20, max(3, 300 // (d + 1)))``).
+        newton_steps: Newton iterations at most (default ``min(30, max(5, 300 // (d + 1)))``).
         merge_radius: the deduplication radius (Mahalanobis).
         tol: Newton decrement (nats) at convergence.
         eigenvalue_floor: floor of the eigenvalues of :math:`-H` (see above).
@@ -487,7 +525,7 @@ def find_modes(target, flow=None, *, starts: Tensor | None = None, n_starts: int
     if dim is None:
         raise ValueError("the dimension is unknown: pass a flow, starts (m, d) or a box of (d,) tensors")
     target = as_target(target, dim=dim)
-    device = flow._ref.device if flow is not None and hasattr(flow, "_ref") else target.device
+    device = _flow_device(flow) or target.device
     dtype = _working_dtype(target, dtype, device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
@@ -507,13 +545,14 @@ def find_modes(target, flow=None, *, starts: Tensor | None = None, n_starts: int
                             else 1.0 / max(extent, 1e-12) ** 2, dtype=dtype, device=device)
     x = _adam(target, x, scale, adam_steps, lr, counter)
     if newton_steps is None:  # keeps the Hessians' backward passes near 300 for any d
-        newton_steps = min(20, max(3, 300 // (dim + 1)))
+        newton_steps = min(30, max(5, 300 // (dim + 1)))
     x = _newton(target, x, newton_steps, floor, tol, 1.0, scale, counter)
     result = _classify(target, x, floor, tol, merge_radius, counter)
     result.stats.update(starts=sources, seconds=time.perf_counter() - t0, **counter)
     if len(result) == 0:
         warnings.warn(f"find_modes: no start converged to a local maximum ({result.stats}); "
-                      f"try more newton_steps or adam_steps, or other starts", RuntimeWarning,
+                      f"try more newton_steps or adam_steps, or other starts; or log p has no local maximum "
+                      f"(e.g. it is unbounded at a funnel neck)", RuntimeWarning,
                       stacklevel=2)
     return result
 
