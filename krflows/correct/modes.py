@@ -197,7 +197,7 @@ def _hessian(target: Target, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         try:
             (rows,) = torch.autograd.grad(g, x, eye, retain_graph=True, is_grads_batched=True,
                                           allow_unused=True)
-        except RuntimeError:
+        except (RuntimeError, NotImplementedError):  # an op without a batching rule: row by row
             rows = torch.stack([_row(g, x, j) for j in range(d)])
         if rows is None:
             rows = x.new_zeros(d, n, d)
