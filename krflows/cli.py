@@ -151,23 +151,8 @@ class KRFlowCLI(LightningCLI):
 
 
 def _summary(report) -> list[str]:
-    """The headline numbers of a bias report (:func:`krflows.diagnose`'s keys), one per line."""
-    def num(key: str, fmt: str = ".4g") -> str:
-        value = report.get(key)
-        return "n/a" if value is None else format(value, fmt)
-
-    lines = [f"verdict      {report.get('verdict', '')}",
-             f"ELBO         {num('elbo')}",
-             f"log Z        {num('log_z')} ± {num('log_z_se', '.2g')} (importance sampling)"
-             + (f", exact {num('true_log_z')}" if "true_log_z" in report else ""),
-             f"ESS/N        {num('ess', '.3f')}",
-             f"Pareto k̂     {num('pareto_k', '.3f')}"]
-    if "mode_weights" in report and len(report["mode_weights"]) <= 16:
-        def fmt(ws) -> str:
-            return ", ".join(f"{w:.3f}" for w in ws)
-        lines.append(f"mode weights {fmt(report['mode_weights'])} (flow) vs "
-                     f"{fmt(report.get('true_mode_weights', []))} (truth)")
-    return lines
+    """The headline numbers of a bias report (:meth:`krflows.diagnostics.Report.headline`)."""
+    return report.headline()
 
 
 def main(args: list[str] | None = None) -> None:

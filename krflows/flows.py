@@ -18,12 +18,13 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.distributions import ComposeTransform, Independent, Normal, Transform
+from torch.distributions import ComposeTransform, Independent, Normal, Transform, TransformedDistribution
 
 from krflows._checks import check_points
 from krflows.nn import MaskedMLP
 from krflows.transforms.autoregressive import AutoregressiveTransform
 from krflows.transforms.base import ComposeTriangular, Permutation, TriangularTransform
+from krflows.transforms.interpolate import Interpolated
 from krflows.transforms.linear import LowerAffineTransform
 from krflows.transforms.monotone import FAMILIES, MonotoneFamily
 
@@ -126,20 +127,32 @@ class KRFlow(nn.Module):
     def transform(self) -> Transform:
         """The map ``z -> x`` as a :class:`torch.distributions.Transform` (lower triangular
         in the variable order ``order``)."""
-        if self.order is None:
-            return self.triangular
-        return ComposeTransform([self.triangular, Permutation(self.order)])
+        return self._in_user_order(self.triangular)
 
     @property
     def base(self) -> Independent:
         """The reference ``N(0, I_d)`` on the flow's device and dtype."""
         return Independent(Normal(self._ref, torch.ones_like(self._ref)), 1)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the flow's parameters (and its reference) live."""
+        return self._ref.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the flow's parameters, samples and densities."""
+        return self._ref.dtype
+
+    def _in_user_order(self, triangular: Transform) -> Transform:
+        """A map ``z -> y`` in the flow's variable order, followed by the user's ``order``."""
+        return triangular if self.order is None else ComposeTransform([triangular, Permutation(self.order)])
+
     def _to_flow_order(self, x: Tensor) -> Tensor:
-        return x if self.order is None else x[..., self.order]
+        return x if self.order is None else Permutation(self.order).inv(x)
 
     def _to_user_order(self, y: Tensor) -> Tensor:
-        return y if self.order is None else y[..., torch.argsort(self.order)]
+        return y if self.order is None else Permutation(self.order)(y)
 
     def forward(self, z: Tensor) -> Tensor:
         """``x = T(z)``."""
@@ -172,17 +185,17 @@ class KRFlow(nn.Module):
             self._compiled["pull"] = torch.compile(self._pull, **options)
         return self
 
-    def _push(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``y = T(z)`` (flow order) and ``log q(y)``: the sampling hot path."""
+    def _push(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``y = T(z)`` (flow order), ``log q(y)`` and ``log dT_k/dz_k``: the sampling hot path."""
         y, log_diag = self.triangular.call_and_log_diag(z)
-        return y, self.base.log_prob(z) - log_diag.sum(-1)
+        return y, self.base.log_prob(z) - log_diag.sum(-1), log_diag
 
     def _pull(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``z = T^{-1}(y)`` (flow order) and ``log q(y)``: the density hot path."""
         z, log_diag = self.triangular.inverse_and_log_diag(y)
         return z, self.base.log_prob(z) - log_diag.sum(-1)
 
-    def _run(self, name: str, eager: Callable, arg: Tensor) -> tuple[Tensor, Tensor]:
+    def _run(self, name: str, eager: Callable, arg: Tensor) -> tuple[Tensor, ...]:
         fn = self._compiled.get(name)
         if fn is None:
             return eager(arg)
@@ -209,10 +222,33 @@ class KRFlow(nn.Module):
 
     # ---- distribution interface -----------------------------------------------------------
 
+    def push(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Pushes reference points ``z -> x = T(z)`` in one pass, with the density and slopes.
+
+        .. math:: \log q(x) = \log \mathcal N(z; 0, I) - \sum_k \log \partial T_k / \partial z_k .
+
+        Arguments:
+            z: reference points, shape ``(*, d)``.
+
+        Returns:
+            ``x`` ``(*, d)`` (user order), ``log q(x)`` ``(*)`` (the reference's log density
+            included) and the log-slopes :math:`\log \partial T_k / \partial z_k` ``(*, d)``
+            (flow order). Differentiable (reparametrized).
+
+        Example:
+            >>> flow = KRFlow(2, layers=1, hidden=(8,))
+            >>> x, log_q, log_diag = flow.push(torch.zeros(4, 2))
+            >>> bool(torch.allclose(log_q, flow.log_prob(x), atol=1e-4)), log_diag.shape
+            (True, torch.Size([4, 2]))
+        """
+        z = check_points(z, self.dim, self._ref, "z")
+        y, log_q, log_diag = self._run("push", self._push, z)
+        return self._to_user_order(y), log_q, log_diag
+
     def rsample_and_log_prob(self, shape: Sequence[int] | int = ()) -> tuple[Tensor, Tensor]:
         """Reparametrized samples ``x`` of shape ``(*shape, d)`` and ``log q(x)``, in one pass."""
         z = self.base.rsample(_size(shape))
-        y, log_q = self._run("push", self._push, z)
+        y, log_q, _ = self._run("push", self._push, z)
         return self._to_user_order(y), log_q
 
     def rsample(self, shape: Sequence[int] | int = ()) -> Tensor:
@@ -292,17 +328,20 @@ class KRFlow(nn.Module):
         terms = Normal(0.0, 1.0).log_prob(z) - log_diag
         return terms[..., k:].sum(-1)
 
-    def interpolate(self, t: float):
-        r"""The displacement interpolation ``T_t = (1 - t) Id + t T`` pushed from the reference.
+    def interpolate(self, t: float) -> TransformedDistribution:
+        r"""The law :math:`(T_t)_\# N(0, I)` of the interpolated map ``z -> x``, ``T_t = (1-t) Id + t T``.
 
-        Monotone triangular for every ``t`` in ``[0, 1]``, so it has an exact density and
-        inverse: intermediate distributions for annealing, SMC and plots. See
-        :func:`krflows.ot.interpolate` (the W2 geodesic only when ``T`` is a Brenier map,
-        which a KR map is not in general).
+        ``T`` is :attr:`triangular` (flow order); the variable ``order``, if any, is applied
+        after it, as in :attr:`transform`. Monotone triangular for every ``t`` in ``[0, 1]``
+        (:class:`~krflows.transforms.Interpolated`), so it has an exact density and inverse
+        (by root finding): intermediate distributions for annealing, SMC and plots. ``t = 0``
+        gives the reference (permuted), ``t = 1`` the flow's own law. The W2 geodesic only
+        when ``T`` is a Brenier map, which a KR map is not in general.
+
+        Returns:
+            a :class:`torch.distributions.TransformedDistribution` (event shape ``(d,)``).
         """
-        from krflows.ot import interpolate
-
-        return interpolate(self, t)
+        return TransformedDistribution(self.base, self._in_user_order(Interpolated(self.triangular, t)))
 
     def extra_repr(self) -> str:
         order = "identity" if self.order is None else self.order.tolist()

@@ -40,8 +40,10 @@ def test_fit_history_and_dropped_samples():
         return torch.where(x[..., 0] > 0, lp, torch.full_like(lp, float("nan")))
 
     flow = krflows.KRFlow(2, layers=1, hidden=(16,))
+    with pytest.raises(NonFiniteTargetError, match=r"NaN at \d+ of 64 points.*nan='zero'"):
+        krflows.fit(flow, half_nan, steps=30, batch_size=64, log_every=10)  # NaN: an error by default
     with pytest.warns(UserWarning, match="non-finite target log density"):
-        h = krflows.fit(flow, half_nan, steps=30, batch_size=64, log_every=10)
+        h = krflows.fit(flow, half_nan, steps=30, batch_size=64, log_every=10, nan="zero")
     assert h["step"] == [10, 20, 30] and h["dropped"][-1] > 0
     assert all(torch.isfinite(p).all() for p in flow.parameters())
 
@@ -51,7 +53,12 @@ def test_whole_bad_batch_raises_and_leaves_parameters_untouched():
     before = [p.detach().clone() for p in flow.parameters()]
     with pytest.raises(NonFiniteTargetError, match="NaN or inf at all 32"):
         krflows.fit(flow, lambda x: torch.full(x.shape[:-1], float("nan")), steps=5,
+                    batch_size=32, warmup=0, nan="zero")
+    with pytest.raises(NonFiniteTargetError, match="NaN at 32 of 32 points"):
+        krflows.fit(flow, lambda x: torch.full(x.shape[:-1], float("nan")), steps=5,
                     batch_size=32, warmup=0)
+    with pytest.raises(ValueError, match="nan must be one of"):
+        krflows.fit(flow, lambda x: -x.square().sum(-1), steps=5, nan="drop")
     with pytest.raises(NonFiniteTargetError, match="raised"):
         krflows.fit(flow, lambda x: 1 / 0, steps=5, batch_size=32, warmup=0)
     assert all(torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))

@@ -248,6 +248,24 @@ def test_importance_resample_and_self_normalized():
     assert bool(((est - TARGET.mean.double()).abs() < 5 * se + 1e-3).all()), (est, se)
 
 
+def test_corrections_live_in_correct_and_follow_the_nan_policy():
+    from krflows import correct
+    from krflows.objectives import NonFiniteTargetError
+
+    assert krflows.pyro.importance_resample is correct.importance_resample
+    assert krflows.pyro.independence_mh is correct.independence_mh
+
+    def half_nan(x):
+        lp = TARGET.log_prob(x)
+        return torch.where(x[..., 0] > float(TARGET.mean[0]), lp, torch.full_like(lp, math.nan))
+
+    with pytest.raises(NonFiniteTargetError, match="nan='zero'"):
+        correct.importance_resample(_wrong_flow(), half_nan, n=100)
+    res = correct.importance_resample(_wrong_flow(), half_nan, n=1000, nan="zero")
+    assert bool((res.samples[:, 0] > TARGET.mean[0]).all())  # NaN read as zero density: never drawn
+    assert correct.independence_mh(_wrong_flow(), half_nan, 50, nan="zero").samples.shape == (50, 2)
+
+
 def test_imh_on_model_potential():
     torch.manual_seed(5)
     potential = potential_from_model(normal_normal, Y)
