@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 from torch import Tensor
 
 
-def check_points(x: Tensor, dim: int, ref: Tensor | None = None, name: str = "x") -> Tensor:
-    """Checks that ``x`` is a finite floating tensor of shape ``(*, dim)``.
+def check_points(x: Tensor, dim: int, ref: Tensor | None = None, name: str = "x", finite: bool = True
+                 ) -> Tensor:
+    """Checks that ``x`` is a floating tensor of shape ``(*, dim)``, finite unless ``finite=False``.
 
     If ``ref`` is given, ``x`` must also have its dtype and device (no silent casts).
     Returns ``x`` unchanged.
@@ -24,7 +28,7 @@ def check_points(x: Tensor, dim: int, ref: Tensor | None = None, name: str = "x"
                          f"convert one of them (e.g. flow.to({x.dtype}))")
     if ref is not None and x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but the flow is on {ref.device}")
-    if not bool(torch.isfinite(x).all()):
+    if finite and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(-1).sum())
         raise ValueError(f"{name} must be finite: {bad} of its points contain NaN or inf")
     return x
@@ -61,3 +65,16 @@ def check_gaussian(mean, cov, name: str = "", batched: bool = True, psd: bool = 
     if psd and (torch.linalg.eigvalsh(cov) / scale[..., 0]).min() < -tol:
         raise ValueError(f"{where}cov must be positive semi-definite")
     return mean, cov
+
+
+def renamed_keyword(kwargs: dict, old: str, new: str, value: Any, default: Any, stacklevel: int = 3) -> Any:
+    """The value of keyword ``new``, or of its deprecated name ``old`` popped from ``kwargs``.
+
+    ``old`` warns with a ``DeprecationWarning``; giving both (``value`` not ``default``) is an error.
+    """
+    if old not in kwargs:
+        return value
+    if value is not default and value != default:
+        raise ValueError(f"give {new}= only ({old}= is its deprecated name), not both")
+    warnings.warn(f"the keyword {old}= is deprecated: use {new}=", DeprecationWarning, stacklevel=stacklevel)
+    return kwargs.pop(old)

@@ -34,7 +34,7 @@ _NAME_ENV = "KRFLOWS_RUN_NAME"  # hands the run name to the DDP worker processes
 DEFAULTS = {
     "model.target": "bimodal2d",
     "model.target_options": {"separation": 7.0, "weights": [0.3, 0.7]},
-    "model.transform": "spline",
+    "model.family": "spline",
     "model.layers": 2,
     "model.hidden": [32, 32],
     "model.batch_size": 256,
@@ -67,7 +67,8 @@ Common options:
   --model.target NAME               a registered target (list below)
   --model.target_options '{{...}}'    e.g. '{{separation: 8.0, weights: [0.5, 0.5]}}' or '{{dim: 8}}'
                                     (the default options go with the default target only)
-  --model.transform FAMILY          spline | affine | bernstein | integrated
+  --model.family FAMILY             spline | affine | bernstein | integrated
+  --model.nan error|zero            a NaN target log density: an error (default) or zero density
   --model.layers N --model.hidden '[64, 64]'
   --model.anneal F --model.lr F --model.batch_size N --model.seed N
   --trainer.max_steps N             run length (steps)

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.distributions import ComposeTransform, Independent, Normal, Transform, TransformedDistribution
 
-from krflows._checks import check_points
+from krflows._checks import check_points, renamed_keyword
 from krflows.nn import MaskedMLP
 from krflows.transforms.autoregressive import AutoregressiveTransform
 from krflows.transforms.base import ComposeTriangular, Permutation, TriangularTransform
@@ -65,19 +65,24 @@ class KRFlow(nn.Module):
 
     Arguments:
         dim: the dimension ``d``.
-        transform: the monotone 1-D family, ``"spline"`` (rational-quadratic, analytic
+        family: the monotone 1-D family, ``"spline"`` (rational-quadratic, analytic
             inverse), ``"affine"``, ``"bernstein"`` or ``"integrated"`` (root-finding
-            inverse), or a :class:`~krflows.transforms.monotone.MonotoneFamily`.
+            inverse), or a :class:`~krflows.transforms.monotone.MonotoneFamily`. (Formerly
+            ``transform=``, still accepted with a ``DeprecationWarning``: :attr:`transform`
+            is the map.)
         layers: number of autoregressive layers (all in the same variable order).
         hidden: hidden widths of each layer's masked conditioner.
         order: optional permutation of ``range(d)``: the triangular map's coordinate ``i``
             is the user's coordinate ``order[i]``. Applied once, outside the map.
-        affine: whether to end with the learnable lower-triangular affine stage.
+        affine_stage: whether to end with the learnable lower-triangular affine stage
+            :attr:`affine` (formerly ``affine=``, still accepted with a ``DeprecationWarning``;
+            ``affine`` alone is ambiguous with the spline family's own option and the
+            ``"affine"`` family).
         compile: compile the hot paths with :func:`torch.compile` (see :meth:`compile`).
         family_options: passed to the family, e.g. ``bins=8, bound=5.0``.
 
     Example:
-        >>> flow = KRFlow(3, transform="spline", layers=2, hidden=(16,))
+        >>> flow = KRFlow(3, family="spline", layers=2, hidden=(16,))
         >>> x, log_q = flow.rsample_and_log_prob((5,))
         >>> x.shape, log_q.shape
         (torch.Size([5, 3]), torch.Size([5]))
@@ -85,22 +90,22 @@ class KRFlow(nn.Module):
         True
     """
 
-    def __init__(self, dim: int, transform: str | MonotoneFamily = "spline", layers: int = 4,
+    def __init__(self, dim: int, family: str | MonotoneFamily = "spline", layers: int = 4,
                  hidden: Sequence[int] = (64, 64), order: Sequence[int] | None = None,
-                 affine: bool = True, compile: bool = False, **family_options):
+                 affine_stage: bool = True, compile: bool = False, **family_options):
         super().__init__()
+        family = renamed_keyword(family_options, "transform", "family", family, "spline")
+        affine_stage = renamed_keyword(family_options, "affine", "affine_stage", affine_stage, True)
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if isinstance(transform, str):
-            if transform not in FAMILIES:
-                raise ValueError(f"transform must be one of {sorted(FAMILIES)}, got {transform!r}")
-            family = FAMILIES[transform](**family_options)
-        else:
-            family = transform
+        if isinstance(family, str):
+            if family not in FAMILIES:
+                raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+            family = FAMILIES[family](**family_options)
         self.dim, self.family = dim, family
         self.conditioners = nn.ModuleList(
             MaskedMLP(dim, family.n_params, tuple(hidden)) for _ in range(layers))
-        self.affine = LowerAffine(dim) if affine else None
+        self.affine = LowerAffine(dim) if affine_stage else None
         if order is not None:
             order = torch.as_tensor(order, dtype=torch.long)
             if sorted(order.tolist()) != list(range(dim)):

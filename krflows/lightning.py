@@ -47,7 +47,7 @@ class KRFlowModule(L.LightningModule):
     Either inject the objects, ``KRFlowModule(flow=flow, target=target)``, or give plain
     configuration values (what ``krflows fit`` does): the target by name with its options,
     the flow by family, layers and widths; its dimension is the target's. An injected flow
-    wins over ``transform``/``layers``/``hidden``/``family_options``. Injected objects are
+    wins over ``family``/``layers``/``hidden``/``family_options``. Injected objects are
     not saved as hyperparameters; a module built from configuration values is restored by
     ``KRFlowModule.load_from_checkpoint(path)``.
 
@@ -69,8 +69,9 @@ class KRFlowModule(L.LightningModule):
             A target object is moved to the module's device when fitting starts.
         target_options: keyword arguments of the named target, e.g.
             ``{"separation": 7.0, "weights": [0.3, 0.7]}``.
-        transform: the monotone family of the built flow (``"spline"``, ``"affine"``,
+        family: the monotone family of the built flow (``"spline"``, ``"affine"``,
             ``"bernstein"``, ``"integrated"``).
+        transform: deprecated name of ``family`` (``DeprecationWarning``; wins when given).
         layers: autoregressive layers of the built flow.
         hidden: hidden widths of each layer's conditioner.
         family_options: options of the family, e.g. ``{"bins": 8, "bound": 5.0}``.
@@ -103,7 +104,7 @@ class KRFlowModule(L.LightningModule):
         target: str | Target | Callable = "bimodal2d",
         *,
         target_options: dict | None = None,
-        transform: str = "spline",
+        family: str = "spline",
         layers: int = 4,
         hidden: Sequence[int] = (64, 64),
         family_options: dict | None = None,
@@ -117,8 +118,13 @@ class KRFlowModule(L.LightningModule):
         seed: int = 0,
         compile: bool = False,
         nan: str = "error",
+        transform: str | None = None,
     ):
         super().__init__()
+        if transform is not None:
+            warnings.warn("KRFlowModule(transform=...) is deprecated: use family=", DeprecationWarning,
+                          stacklevel=2)
+            family = transform
         check_nan_policy(nan)
         injected = [k for k, v in (("flow", flow), ("target", target)) if not isinstance(v, str | None)]
         self.save_hyperparameters(ignore=injected)
@@ -127,7 +133,7 @@ class KRFlowModule(L.LightningModule):
         self.target = as_target(target, dim=getattr(flow, "dim", None))
         if flow is None:
             with _seeded(torch.device("cpu"), seed, _INIT):
-                flow = KRFlow(self.target.dim, transform, layers, tuple(hidden), compile=compile,
+                flow = KRFlow(self.target.dim, family, layers, tuple(hidden), compile=compile,
                               **(family_options or {}))
         self.flow = flow
         self.dropped = 0  # samples with a non-finite target, over the run (this rank)

@@ -34,6 +34,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Transform, biject_to, constraints
 
+from krflows._checks import renamed_keyword
 from krflows.correct.resampling import (
     IMHResult,
     Resampled,
@@ -334,7 +335,8 @@ class AutoKRFlow(AutoContinuous):
 
     Arguments:
         model: a Pyro model with continuous latent sites and fixed structure.
-        transform, layers, hidden, flow_options: passed to :class:`~krflows.KRFlow`.
+        family, layers, hidden, flow_options: passed to :class:`~krflows.KRFlow`
+            (``transform=`` is the deprecated name of ``family``).
         init_scale: the affine stage's initial scale.
         init_loc_fn: per-site initialization (Pyro's ``init_to_*``).
         warmup: Gaussian-VI steps of the affine stage on the first call (0: off).
@@ -352,15 +354,16 @@ class AutoKRFlow(AutoContinuous):
     Latent sites inside a subsampled plate are not supported (``ValueError``).
     """
 
-    def __init__(self, model: Callable, transform: str = "spline", layers: int = 2,
+    def __init__(self, model: Callable, family: str = "spline", layers: int = 2,
                  hidden: Sequence[int] = (32, 32), init_scale: float = 0.1,
                  init_loc_fn: Callable = init_to_median, warmup: int = 100, warmup_batch: int = 64,
                  **flow_options):
         if init_scale <= 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
+        family = renamed_keyword(flow_options, "transform", "family", family, "spline")
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._raw_model = (model,)  # a tuple: not registered as a submodule
-        self._flow_args = dict(transform=transform, layers=layers, hidden=tuple(hidden), **flow_options)
+        self._flow_args = dict(family=family, layers=layers, hidden=tuple(hidden), **flow_options)
         self._init_scale, self._warmup, self._warmup_batch = init_scale, warmup, warmup_batch
         self.flow = None
         self._potential = None

@@ -1,6 +1,6 @@
 """Diagnostics: every number against a closed form or an independent computation.
 
-Flows are set exactly (``KRFlow(d, transform="affine", layers=0)`` + ``affine.initialize``), so
+Flows are set exactly (``KRFlow(d, family="affine", layers=0)`` + ``affine.initialize``), so
 that ``q`` is a known Gaussian and the truth of each diagnostic is known in closed form.
 """
 
@@ -35,7 +35,7 @@ SUB = 400  # subsample of the O(n^2) Sinkhorn
 
 def gaussian_flow(mean, cov) -> KRFlow:
     """A flow that is exactly N(mean, cov), in float64."""
-    flow = KRFlow(len(mean), transform="affine", layers=0).double()
+    flow = KRFlow(len(mean), family="affine", layers=0).double()
     flow.affine.initialize(torch.as_tensor(mean, dtype=torch.float64),
                            torch.as_tensor(cov, dtype=torch.float64))
     return flow
@@ -358,7 +358,7 @@ def test_light_tailed_flow_is_flagged_by_the_jeffreys_gap():
     = 5 · ½ (9 + 1/9 - 2) ≈ 17.8 nats > 10, so the verdict names the light tails."""
     d = 5
     target = targets.Gaussian(torch.zeros(d), 9 * torch.eye(d), dtype=torch.float64)
-    flow = KRFlow(d, transform="affine", layers=1, hidden=(4,)).double()  # the identity map
+    flow = KRFlow(d, family="affine", layers=1, hidden=(4,)).double()  # the identity map
     p = MultivariateNormal(torch.zeros(d, dtype=torch.float64), 9 * torch.eye(d, dtype=torch.float64))
     q = MultivariateNormal(torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64))
     exact = float(kl_divergence(p, q) + kl_divergence(q, p))

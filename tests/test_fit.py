@@ -21,7 +21,7 @@ def test_learned_map_converges_pointwise_to_the_exact_kr_map():
     d = 4
     cov, mean = _cov(d)
     target = krflows.targets.Gaussian(mean, cov)
-    flow = krflows.KRFlow(d, transform="spline", layers=2, hidden=(32, 32))
+    flow = krflows.KRFlow(d, family="spline", layers=2, hidden=(32, 32))
     krflows.fit(flow, target, steps=600, batch_size=256, lr=3e-3)
     z = torch.randn(2000, d).clamp(-2, 2)  # the bulk
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_bad_arguments():
 def test_forward_kl_from_exact_samples():
     torch.manual_seed(0)
     target = krflows.targets.Gaussian(torch.tensor([3.0, -1.0]), torch.tensor([[4.0, 1.0], [1.0, 1.0]]))
-    flow = krflows.KRFlow(2, transform="affine", layers=1, hidden=(8,))
+    flow = krflows.KRFlow(2, family="affine", layers=1, hidden=(8,))
     krflows.fit(flow, target, steps=300, batch_size=256, lr=2e-2, objective="forward_kl",
                 samples=target.sample((4000,)))
     x = flow.sample((20000,))

@@ -70,12 +70,12 @@ def test_needs_max_steps():
 
 def test_checkpoint_reloads_a_config_built_module(tmp_path):
     module = KRFlowModule(target="bimodal2d", target_options={"separation": 6.0, "weights": [0.3, 0.7]},
-                          transform="bernstein", family_options={"degree": 6}, warmup=2, **SMALL)
+                          family="bernstein", family_options={"degree": 6}, warmup=2, **SMALL)
     t = trainer(tmp_path, max_steps=4, enable_checkpointing=True)
     t.fit(module)
     path = t.checkpoint_callback.best_model_path
     loaded = KRFlowModule.load_from_checkpoint(path)
-    assert loaded.target.separation == 6.0 and loaded.hparams.transform == "bernstein"
+    assert loaded.target.separation == 6.0 and loaded.hparams.family == "bernstein"
     assert all(torch.equal(a, b) for a, b in zip(params(module), params(loaded), strict=True))
     assert loaded._warmed_up  # a fine-tuning run from here skips the warm-up
 

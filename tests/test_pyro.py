@@ -212,7 +212,7 @@ def test_neutra_nuts_runs_on_trained_guide():
 
 def _wrong_flow(dim=2):
     """A Gaussian flow slightly off the N(m, C) target below: shifted and 20% too wide."""
-    flow = krflows.KRFlow(dim, transform="affine", layers=0).double()
+    flow = krflows.KRFlow(dim, family="affine", layers=0).double()
     flow.affine.initialize(torch.tensor([0.9, -0.4]), torch.tensor([[1.2**2, 0.3], [0.3, 0.7]]))
     return flow
 
@@ -233,7 +233,7 @@ def test_independence_mh_corrects_a_wrong_flow():
 
 
 def test_independence_mh_with_exact_flow_accepts_everything():
-    flow = krflows.KRFlow(2, transform="affine", layers=0).double()
+    flow = krflows.KRFlow(2, family="affine", layers=0).double()
     flow.affine.initialize(TARGET.mean, TARGET.cov)
     result = independence_mh(flow, TARGET, n_steps=200, x0=TARGET.mean)
     assert result.acceptance_rate > 0.99
@@ -270,7 +270,7 @@ def test_imh_on_model_potential():
     torch.manual_seed(5)
     potential = potential_from_model(normal_normal, Y)
     mean, var = normal_normal_posterior(Y)
-    flow = krflows.KRFlow(2, transform="affine", layers=0)
+    flow = krflows.KRFlow(2, family="affine", layers=0)
     flow.affine.initialize(mean + 0.05, torch.diag(var * 1.3))
     result = independence_mh(flow, potential, n_steps=3000)
     assert result.acceptance_rate > 0.5

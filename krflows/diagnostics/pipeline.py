@@ -80,7 +80,7 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
 
     Example:
         >>> from krflows import KRFlow, targets
-        >>> flow = KRFlow(1, transform="affine", layers=0)
+        >>> flow = KRFlow(1, family="affine", layers=0)
         >>> report = diagnose(flow, targets.Gaussian(dim=1), n=2000, seed=0)
         >>> round(report["ess"], 6), report["verdict"]
         (1.0, 'no problems detected (ESS 1.00, forward ESS 1.00, k̂ -inf)')
