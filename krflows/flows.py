@@ -48,7 +48,8 @@ class LowerAffine(nn.Module):
     def tril(self) -> Tensor:
         return self.lower * self.strict + torch.diag(torch.exp(self.log_diag))
 
-    def transform(self) -> LowerAffineTransform:
+    def as_transform(self) -> LowerAffineTransform:
+        """The current map ``y -> m + L y`` as a :class:`~krflows.transforms.LowerAffineTransform`."""
         return LowerAffineTransform(self.shift, self.tril())
 
     @torch.no_grad()
@@ -125,7 +126,7 @@ class KRFlow(nn.Module):
         parts: list[TriangularTransform] = [
             AutoregressiveTransform(net, self.family, self.dim) for net in self.conditioners]
         if self.affine is not None:
-            parts.append(self.affine.transform())
+            parts.append(self.affine.as_transform())
         return ComposeTriangular(parts)
 
     @property
