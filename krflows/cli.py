@@ -125,6 +125,13 @@ class KRFlowCLI(LightningCLI):
         self.run_dir = os.path.join(root, name)
         self.run_root, self.run_name = root, name
 
+    def instantiate_classes(self) -> None:
+        """Builds the model, callbacks and trainer; a bad option is a usage error, not a traceback."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            _usage_error(str(err))
+
     def instantiate_trainer(self, **kwargs):
         logger = self._get(self.config_init, "trainer", default={}).get("logger")
         if logger is None or logger is True:
@@ -148,6 +155,12 @@ class KRFlowCLI(LightningCLI):
             lines += ["", *_summary(report.report)]
         lines += ["", f"View the curves and images:  tensorboard --logdir {log_dir}", ""]
         print("\n".join(lines), flush=True)
+
+
+def _usage_error(message: str) -> None:
+    """Exits with status 2 and ``krflows fit: error: <message>`` on stderr, as argparse does."""
+    print(f"krflows fit: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def _summary(report) -> list[str]:
@@ -188,4 +201,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

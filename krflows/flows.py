@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.distributions import ComposeTransform, Independent, Normal, Transform
 
-from krflows._checks import check_points
+from krflows._checks import check_family_options, check_hidden, check_int, check_points
 from krflows.nn import MaskedMLP
 from krflows.transforms.autoregressive import AutoregressiveTransform
 from krflows.transforms.base import ComposeTriangular, Permutation, TriangularTransform
@@ -93,12 +93,16 @@ class KRFlow(nn.Module):
         if isinstance(transform, str):
             if transform not in FAMILIES:
                 raise ValueError(f"transform must be one of {sorted(FAMILIES)}, got {transform!r}")
+            check_family_options(transform, FAMILIES[transform], family_options)
             family = FAMILIES[transform](**family_options)
-        else:
+        elif isinstance(transform, MonotoneFamily):
             family = transform
+        else:
+            raise ValueError(f"transform must be a family name or a MonotoneFamily, got {transform!r}")
+        layers, hidden = check_int("layers", layers, 0), check_hidden(hidden)
         self.dim, self.family = dim, family
         self.conditioners = nn.ModuleList(
-            MaskedMLP(dim, family.n_params, tuple(hidden)) for _ in range(layers))
+            MaskedMLP(dim, family.n_params, hidden) for _ in range(layers))
         self.affine = LowerAffine(dim) if affine else None
         if order is not None:
             order = torch.as_tensor(order, dtype=torch.long)

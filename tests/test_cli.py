@@ -72,6 +72,18 @@ def test_fit_writes_a_run_directory_and_resumes(tmp_path, capsys):
     assert f"tensorboard --logdir {run_dir}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--model.layers", "-1", "layers must be an int >= 0, got -1"),
+    ("--model.family_options", "{bound: 0}", "bound must be a finite number > 0, got 0"),
+])
+def test_bad_model_option_is_a_usage_error(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        run(*TINY, flag, value, "--root_dir", str(tmp_path), "--name", "bad")
+    assert exit_.value.code == 2
+    assert f"krflows fit: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written
+
+
 def test_yaml_config(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({

@@ -161,6 +161,36 @@ def test_bad_construction_is_rejected():
         krflows.KRFlow(0)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"bound": -5.0}, r"bound must be a finite number > 0, got -5.0"),
+    ({"bound": 0}, r"bound must be a finite number > 0, got 0"),
+    ({"bound": float("nan")}, r"bound must be a finite number > 0"),
+    ({"transform": "bernstein", "bound": float("inf")}, r"bound must be a finite number > 0"),
+    ({"layers": -1}, r"layers must be an int >= 0, got -1"),
+    ({"layers": 2.0}, r"layers must be an int >= 0, got 2.0"),
+    ({"bins": 0}, r"bins must be an int >= 1, got 0"),
+    ({"hidden": (16, 0)}, r"hidden must be a sequence of positive ints .* got \[16, 0\]"),
+    ({"hidden": 16}, r"hidden must be a sequence of positive ints"),
+    ({"transform": "bernstein", "degree": 0}, r"degree must be an int >= 1, got 0"),
+    ({"transform": "integrated", "degree": -2}, r"degree must be an int >= 1, got -2"),
+    ({"min_slope": 1.5}, r"min_slope must be a finite number in \[0, 1\), got 1.5"),
+    ({"bins": 4, "min_width": 0.25}, r"min_width \(with bins=4\) must be a finite number in \[0, 0.25\)"),
+    ({"transform": "affine", "bins": 8},
+     r"unknown option\(s\) 'bins' of the 'affine' family; it takes min_slope"),
+    ({"transform": krflows.transforms.Spline}, r"transform must be a family name or a MonotoneFamily"),
+])
+def test_bad_options_are_refused_with_the_valid_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        krflows.KRFlow(2, **kwargs)
+
+
+def test_edge_options_are_accepted():
+    flow = krflows.KRFlow(2, transform="spline", bins=1, bound=0.5, layers=0, hidden=())
+    assert len(flow.conditioners) == 0 and flow.family.bins == 1
+    flow = krflows.KRFlow(2, transform="integrated", degree=1, layers=1, hidden=[4])
+    assert torch.isfinite(flow.log_prob(flow.sample((3,)))).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda():
     flow = make_flow("spline", 3).cuda()
