@@ -20,11 +20,16 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-__all__ = ["Batch", "NonFiniteTargetError", "evaluate_target", "reverse_kl", "forward_kl"]
+__all__ = ["Batch", "NonFiniteTargetError", "NonDifferentiableTargetError", "evaluate_target",
+           "reverse_kl", "forward_kl"]
 
 
 class NonFiniteTargetError(RuntimeError):
     """The target gave no finite log density on a whole batch (or raised on it)."""
+
+
+class NonDifferentiableTargetError(ValueError):
+    """The target's log density carries no gradient to the flow's samples (reverse KL needs one)."""
 
 
 @dataclass
@@ -67,9 +72,34 @@ def reverse_kl(flow, target, n: int, beta: float = 1.0, path_gradient: bool = Fa
         raise NonFiniteTargetError(
             f"the target's log density was NaN or inf at all {n} flow samples; "
             "check the target's support and the flow's initialisation")
+    check_differentiable(log_p, x)
     log_p, log_q = log_p[ok], log_q[ok]
     loss = (log_q - beta * log_p).mean()
     return Batch(loss, (log_p - log_q).detach(), n - kept, n)
+
+
+def check_differentiable(log_p: Tensor, x: Tensor) -> None:
+    r"""Raises :class:`NonDifferentiableTargetError` unless ``log p`` can pass a gradient to ``x``.
+
+    Reverse KL's gradient is :math:`\nabla \mathbb E_q[\log q - \log p]`; a target that returns
+    integers or cuts the graph (``.detach()``, ``.numpy()``, ``torch.from_numpy``, ``.item()``)
+    leaves only ``log q``: the flow then maximizes its entropy and the loss rises, silently.
+    Two flag reads, so it runs on every batch. Skipped when ``x`` carries no gradient
+    (under ``torch.no_grad()`` or with a frozen flow).
+    """
+    if not torch.is_floating_point(log_p):
+        raise NonDifferentiableTargetError(
+            f"the target's log density must be a floating tensor differentiable in x, got dtype "
+            f"{log_p.dtype}: reverse KL needs the gradient of log p. Compute it with torch "
+            f"operations on x in x's dtype")
+    if x.requires_grad and not log_p.requires_grad:
+        raise NonDifferentiableTargetError(
+            "the target's log density does not depend on x through autograd (its output has "
+            "requires_grad=False while the flow's samples require grad), so reverse KL would fit "
+            "log q alone, the wrong objective. Compute log p with torch operations on x (no "
+            ".detach(), .numpy(), torch.from_numpy, .item() or torch.no_grad()), or wrap a "
+            "non-torch density in a torch.autograd.Function with its gradient, or fit by "
+            "objective='forward_kl' from target samples")
 
 
 class _LogProb(torch.nn.Module):

@@ -5,7 +5,7 @@ import torch
 
 import krflows
 from krflows.exact import gaussian_kr_map
-from krflows.objectives import NonFiniteTargetError
+from krflows.objectives import NonDifferentiableTargetError, NonFiniteTargetError
 
 
 def _cov(d, seed=0):
@@ -55,6 +55,24 @@ def test_whole_bad_batch_raises_and_leaves_parameters_untouched():
     with pytest.raises(NonFiniteTargetError, match="raised"):
         krflows.fit(flow, lambda x: 1 / 0, steps=5, batch_size=32, warmup=0)
     assert all(torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("target, match", [
+    (lambda x: torch.from_numpy(-(x.detach().numpy() ** 2).sum(-1)), "does not depend on x through autograd"),
+    (lambda x: -(x.detach() ** 2).sum(-1), "does not depend on x through autograd"),
+    (lambda x: (-(x ** 2).sum(-1)).long(), "must be a floating tensor .* got dtype torch.int64"),
+])
+def test_target_without_gradient_is_refused_at_the_first_step(target, match):
+    """Reverse KL without the gradient of log p fits log q alone (loss rising, no warning)."""
+    flow = krflows.KRFlow(2, layers=1, hidden=(8,))
+    before = [p.detach().clone() for p in flow.parameters()]
+    for warmup in (0, 5):  # the first step of either phase
+        with pytest.raises(NonDifferentiableTargetError, match=match):
+            krflows.fit(flow, target, steps=5, batch_size=32, warmup=warmup)
+    assert all(torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
+    if "autograd" in match:
+        with torch.no_grad():  # no gradient wanted: nothing to check
+            krflows.objectives.reverse_kl(flow, krflows.targets.as_target(target, dim=2), 8)
 
 
 def test_bad_arguments():

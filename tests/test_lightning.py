@@ -19,7 +19,7 @@ import krflows
 from krflows import callbacks
 from krflows.callbacks import DiagnosticsReport, SamplePlots, TrainingMetrics
 from krflows.lightning import KRFlowModule
-from krflows.objectives import NonFiniteTargetError
+from krflows.objectives import NonDifferentiableTargetError, NonFiniteTargetError
 
 SMALL = {"layers": 1, "hidden": (8,), "batch_size": 64}
 SCALARS = ["train/loss", "train/elbo", "train/ess", "train/pareto_k", "train/log_z", "train/grad_norm",
@@ -174,6 +174,13 @@ def test_whole_bad_batch_raises_and_nonfinite_gradients_are_skipped():
     trainer(max_steps=3).fit(module)
     assert module.skipped == 3
     assert all(torch.equal(a, b) for a, b in zip(before, params(module), strict=True))
+
+
+def test_target_without_gradient_is_refused():
+    module = KRFlowModule(flow=krflows.KRFlow(2, layers=1, hidden=(8,)), batch_size=32,
+                          target=lambda x: -0.5 * (x.detach() ** 2).sum(-1), warmup=0)
+    with pytest.raises(NonDifferentiableTargetError, match="does not depend on x through autograd"):
+        trainer(max_steps=2).fit(module)
 
 
 RANK_DUMP = '''
