@@ -14,18 +14,24 @@ spreads over the modes before it sharpens (``fit``'s annealing schedule).
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
-__all__ = ["Batch", "NonFiniteTargetError", "NonDifferentiableTargetError", "evaluate_target",
-           "reverse_kl", "forward_kl"]
+__all__ = ["Batch", "NonFiniteTargetError", "NonDifferentiableTargetError", "TrainingDivergedError",
+           "evaluate_target", "reverse_kl", "forward_kl"]
 
 
 class NonFiniteTargetError(RuntimeError):
     """The target gave no finite log density on a whole batch (or raised on it)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The optimizer moved the flow off the target's support (the flow, not the target, is at fault)."""
 
 
 class NonDifferentiableTargetError(ValueError):
@@ -58,8 +64,13 @@ def evaluate_target(target, x: Tensor) -> tuple[Tensor, Tensor]:
 def reverse_kl(flow, target, n: int, beta: float = 1.0, path_gradient: bool = False) -> Batch:
     r"""Monte-Carlo reverse KL (negative tempered ELBO) on ``n`` samples of the flow.
 
-    Samples where ``log p`` is NaN or inf are dropped and counted; if none is finite,
-    :class:`NonFiniteTargetError` is raised before any gradient is formed.
+    Samples where ``log p`` is NaN or inf are dropped and counted; if none is finite, an error
+    is raised before any gradient is formed: :class:`TrainingDivergedError` if the flow is at
+    fault (non-finite parameters or samples, or this target was finite on an earlier batch of
+    this flow), else :class:`NonFiniteTargetError`. A loss that is not finite although every
+    kept ``log p`` is (``log q`` or the sum overflowed: the flow's scale exploded) raises
+    :class:`TrainingDivergedError`. A ``log p`` that carries no gradient to
+    ``x`` raises :class:`NonDifferentiableTargetError`.
     """
     if path_gradient:
         x = flow.rsample((n,))
@@ -69,13 +80,61 @@ def reverse_kl(flow, target, n: int, beta: float = 1.0, path_gradient: bool = Fa
     log_p, ok = evaluate_target(target, x)
     kept = int(ok.sum())
     if kept == 0:
-        raise NonFiniteTargetError(
-            f"the target's log density was NaN or inf at all {n} flow samples; "
-            "check the target's support and the flow's initialisation")
+        raise _no_finite_value(flow, target, x)
+    _remember_finite(flow, target)
     check_differentiable(log_p, x)
     log_p, log_q = log_p[ok], log_q[ok]
     loss = (log_q - beta * log_p).mean()
+    if not bool(torch.isfinite(loss)):  # finite log p: log q or the sum overflowed, the flow's fault
+        scale = float(x.detach().abs().amax())
+        raise _diverged(f"the loss is not finite (log q - beta log p = {float(loss.detach()):.3g} "
+                        f"over {kept} samples with a finite log p)", scale)
     return Batch(loss, (log_p - log_q).detach(), n - kept, n)
+
+
+# flow -> weak reference to the last target that was finite on one of its batches
+_FINITE_ONCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _remember_finite(flow, target) -> None:
+    try:
+        if _FINITE_ONCE.get(flow, lambda: None)() is not target:
+            _FINITE_ONCE[flow] = weakref.ref(target)
+    except TypeError:  # an object without weak references: no memory, the target is blamed
+        pass
+
+
+def _no_finite_value(flow, target, x: Tensor) -> RuntimeError:
+    """The error for a batch where ``log p`` is NaN or inf at every sample: whose fault is it?
+
+    The flow's, :class:`TrainingDivergedError`, if its parameters or samples are not finite or
+    if the same target was finite on an earlier batch of this flow (the optimizer then moved
+    it off the support: a learning rate too high, typically); else the target's (or the
+    initialisation's), :class:`NonFiniteTargetError`.
+    """
+    n = x.shape[0]
+    params_ok = all(bool(torch.isfinite(p).all()) for p in flow.parameters())
+    samples_ok = bool(torch.isfinite(x).all())
+    scale = float(x.detach().abs().amax()) if samples_ok else math.inf
+    try:
+        seen = _FINITE_ONCE.get(flow, lambda: None)() is target
+    except TypeError:
+        seen = False
+    if params_ok and samples_ok and not seen:
+        return NonFiniteTargetError(
+            f"the target's log density was NaN or inf at all {n} flow samples (max |x| = {scale:.3g}); "
+            "check the target's support and the flow's initialisation")
+    why = ("the flow's parameters are not finite" if not params_ok else
+           "the flow's samples are not finite" if not samples_ok else
+           "the same target was finite on earlier samples of this flow")
+    return _diverged(f"the target's log density was NaN or inf at all {n} flow samples and {why}", scale)
+
+
+def _diverged(what: str, scale: float) -> TrainingDivergedError:
+    return TrainingDivergedError(
+        f"training diverged: {what} (max |x| = {scale:.3g}): the optimizer blew the flow up, the "
+        "target is not at fault. Lower the learning rate (lr) or clip the gradient norm harder; if "
+        "the target is NaN or inf on part of the space, the flow may also have been pulled there")
 
 
 def check_differentiable(log_p: Tensor, x: Tensor) -> None:

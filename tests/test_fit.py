@@ -5,7 +5,7 @@ import torch
 
 import krflows
 from krflows.exact import gaussian_kr_map
-from krflows.objectives import NonDifferentiableTargetError, NonFiniteTargetError
+from krflows.objectives import NonDifferentiableTargetError, NonFiniteTargetError, TrainingDivergedError
 
 
 def _cov(d, seed=0):
@@ -73,6 +73,31 @@ def test_target_without_gradient_is_refused_at_the_first_step(target, match):
     if "autograd" in match:
         with torch.no_grad():  # no gradient wanted: nothing to check
             krflows.objectives.reverse_kl(flow, krflows.targets.as_target(target, dim=2), 8)
+
+
+def test_divergence_is_blamed_on_the_flow_not_the_target():
+    """lr=10 blows the flow's scale up until the banana's log density overflows everywhere."""
+    torch.manual_seed(0)
+    flow = krflows.KRFlow(2, layers=2, hidden=(32, 32))
+    with pytest.raises(TrainingDivergedError, match=r"training diverged: .* \(max \|x\| = .*\): the "
+                                                    r"optimizer blew the flow up.* Lower the learning rate"):
+        krflows.fit(flow, krflows.targets.get_target("banana"), steps=100, lr=10)
+    banana = krflows.targets.get_target("banana")
+    for seen in (True, False):  # a flow blown up after (or before) a batch where the target was finite
+        flow = krflows.KRFlow(2, layers=1, hidden=(8,))
+        if seen:
+            krflows.objectives.reverse_kl(flow, banana, 16)
+        with torch.no_grad():
+            flow.affine.log_diag.fill_(40.0)
+        error, match = ((TrainingDivergedError, "earlier samples") if seen
+                        else (NonFiniteTargetError, "support"))
+        with pytest.raises(error, match=match):
+            krflows.objectives.reverse_kl(flow, banana, 16)
+    flow = krflows.KRFlow(2, layers=1, hidden=(8,))  # a flow whose parameters are already NaN
+    with torch.no_grad():
+        flow.affine.shift.fill_(float("nan"))
+    with pytest.raises(TrainingDivergedError, match="parameters are not finite"):
+        krflows.fit(flow, krflows.targets.get_target("banana"), steps=5, warmup=0)
 
 
 def test_bad_arguments():
