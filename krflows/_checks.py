@@ -11,25 +11,28 @@ import torch
 from torch import Tensor
 
 
-def check_points(x: Tensor, dim: int, ref: Tensor | None = None, name: str = "x") -> Tensor:
+def check_points(x: Tensor, dim: int | None, ref: Tensor | None = None, name: str = "x", *,
+                 finite: bool = True, owner: str = "the flow") -> Tensor:
     """Checks that ``x`` is a finite floating tensor of shape ``(*, dim)``.
 
     If ``ref`` is given, ``x`` must also have its dtype and device (no silent casts).
-    Returns ``x`` unchanged.
+    ``dim=None`` skips the width check; ``finite=False`` the finiteness check (the only one
+    that reads the data: the others are free). Returns ``x`` unchanged.
     """
+    width = "d" if dim is None else dim
     if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (*, {dim}), "
+        raise ValueError(f"{name} must be a torch.Tensor of shape (*, {width}), "
                          f"got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[-1] != dim:
-        raise ValueError(f"{name} must have shape (*, {dim}), got {tuple(x.shape)}")
+    if x.dim() < 1 or (dim is not None and x.shape[-1] != dim):
+        raise ValueError(f"{name} must have shape (*, {width}), got {tuple(x.shape)}")
     if not torch.is_floating_point(x):
         raise ValueError(f"{name} must have a floating dtype (float32 or float64), got {x.dtype}")
     if ref is not None and x.dtype != ref.dtype:
-        raise ValueError(f"{name} has dtype {x.dtype} but the flow is {ref.dtype}: "
+        raise ValueError(f"{name} has dtype {x.dtype} but {owner} is {ref.dtype}: "
                          f"convert one of them (e.g. flow.to({x.dtype}))")
     if ref is not None and x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but the flow is on {ref.device}")
-    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} is on {x.device} but {owner} is on {ref.device}")
+    if finite and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(-1).sum())
         raise ValueError(f"{name} must be finite: {bad} of its points contain NaN or inf")
     return x

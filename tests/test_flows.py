@@ -259,3 +259,24 @@ def test_compiled_flow_survives_deepcopy_and_pickle(monkeypatch):
     # root-finding inverses (data-dependent loops) stay eager: only sampling is compiled
     root_finding = krflows.KRFlow(2, transform="bernstein", layers=1, hidden=(4,)).compile()
     assert set(root_finding._compiled) == {"push"}
+
+
+@pytest.mark.parametrize("order", [None, [1, 0]])
+def test_transform_checks_its_input_like_log_prob(order):
+    """Wrong width, dtype or a non-tensor at flow.transform / .inv: a ValueError naming what was expected."""
+    flow = krflows.KRFlow(2, layers=1, hidden=(8,), order=order)  # float32
+    T = flow.transform
+    cases = [(T, torch.randn(4, 3), r"z must have shape \(\*, 2\), got \(4, 3\)"),
+             (T.inv, torch.randn(4, 3), r"x must have shape \(\*, 2\), got \(4, 3\)"),
+             (T, torch.randn(4, 2, dtype=torch.float64), "z has dtype torch.float64 but the transform is "
+                                                          "torch.float32"),
+             (T.inv, torch.randn(4, 2, dtype=torch.float64), "x has dtype torch.float64 but the transform"),
+             (T, torch.ones(4, 2, dtype=torch.long), "z must have a floating dtype"),
+             (T.inv, [[0.0, 1.0]], "x must be a torch.Tensor")]
+    for fn, arg, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fn(arg)
+    with pytest.raises(ValueError, match=r"z must have shape \(\*, 2\), got \(3,\)"):
+        flow.triangular.log_abs_det_jacobian(torch.randn(3), torch.randn(3))
+    z = torch.randn(5, 2)
+    torch.testing.assert_close(T.inv(T(z)), z, atol=1e-4, rtol=1e-4)  # good input still passes
