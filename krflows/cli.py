@@ -105,6 +105,12 @@ class KRFlowCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(DEFAULTS)
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parses, then checks ``--ckpt_path`` before anything is read from it or written."""
+        super().parse_arguments(parser, args)
+        if self.config.get("subcommand") == "fit" and self.config.fit.get("ckpt_path"):
+            load_checkpoint(self.config.fit.ckpt_path)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         model = config.model
@@ -113,23 +119,57 @@ class KRFlowCLI(LightningCLI):
             model.target_options = None  # the default options belong to the default target
         root, name = config.root_dir, config.name
         ckpt = Path(config.ckpt_path) if config.get("ckpt_path") else None
-        if name is None and ckpt is not None and ckpt.parent.name == "checkpoints":
-            root, name = str(ckpt.parent.parent.parent), ckpt.parent.parent.name
-        if name is None and os.environ.get("LOCAL_RANK", "0") != "0":
+        run_of_ckpt = ckpt.parent.parent if ckpt is not None and ckpt.parent.name == "checkpoints" else None
+        if name is None and run_of_ckpt is not None:
+            root, name = str(run_of_ckpt.parent), run_of_ckpt.name
+        main_rank = os.environ.get("LOCAL_RANK", "0") == "0"
+        if name is None and not main_rank:
             name = os.environ.get(_NAME_ENV)
-        if name is None:
+        timestamped = name is None
+        if timestamped:
             name = time.strftime("%Y%m%d-%H%M%S")
+        self._claimed = None
+        if main_rank and not config.trainer.get("fast_dev_run"):
+            resuming_here = run_of_ckpt is not None and Path(root, name).resolve() == run_of_ckpt.resolve()
+            if resuming_here:  # the run's own directory: its first config stays, this one goes beside it
+                self.save_config_kwargs["config_filename"] = _free_name(os.path.join(root, name))
+            else:
+                name = self._claim(root, name, versioned=timestamped)
         os.environ[_NAME_ENV] = name
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.run_dir = os.path.join(root, name)
         self.run_root, self.run_name = root, name
 
+    def _claim(self, root: str, name: str, versioned: bool) -> str:
+        """Creates ``<root>/<name>`` (atomically, so two runs never share it) and returns the name.
+
+        An existing directory is never written into: a name the user chose is refused, a
+        timestamp gets a suffix (``-1``, ``-2``, ...) as two runs started in one second would.
+        """
+        os.makedirs(root, exist_ok=True)
+        for i in range(1000):
+            candidate = name if i == 0 else f"{name}-{i}"
+            path = os.path.join(root, candidate)
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                if versioned:
+                    continue
+                _usage_error(f"the run directory {path} already exists, and krflows never writes into "
+                             f"another run: choose another --name, resume that run with --ckpt_path "
+                             f"{os.path.join(path, 'checkpoints', 'last.ckpt')}, or remove the directory")
+            self._claimed = path
+            return candidate
+        raise RuntimeError(f"no free run name {name}-N in {root}")
+
     def instantiate_classes(self) -> None:
         """Builds the model, callbacks and trainer; a bad option is a usage error, not a traceback."""
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
+            if self._claimed is not None and not os.listdir(self._claimed):
+                os.rmdir(self._claimed)  # nothing was written: give the name back
             _usage_error(str(err))
 
     def instantiate_trainer(self, **kwargs):
@@ -155,6 +195,43 @@ class KRFlowCLI(LightningCLI):
             lines += ["", *_summary(report.report)]
         lines += ["", f"View the curves and images:  tensorboard --logdir {log_dir}", ""]
         print("\n".join(lines), flush=True)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Reads a ``krflows fit`` checkpoint (on the CPU), or exits with a usage error that says why not:
+    ``not a krflows checkpoint: <path>: <reason>``."""
+    def refuse(reason: str):
+        _usage_error(f"not a krflows checkpoint: {path}: {reason}")
+
+    if not os.path.exists(path):
+        refuse("no such file")
+    if not os.path.isfile(path):
+        refuse("not a file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as err:
+        refuse(f"cannot be read ({err.strerror})")
+    except Exception as err:  # noqa: BLE001 - every unreadable file gets the same clear message
+        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        refuse(f"truncated or not a torch checkpoint file ({type(err).__name__}: {first})")
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    missing = [k for k in ("state_dict", "global_step", "hyper_parameters") if not isinstance(ckpt, dict)
+               or k not in ckpt]
+    if missing:
+        refuse(f"no {', '.join(missing)} (not a Lightning checkpoint)")
+    if not isinstance(hparams, dict) or not {"target", "transform", "layers"} <= set(hparams):
+        refuse("its hyperparameters are not a KRFlowModule's (a checkpoint of another model?)")
+    return ckpt
+
+
+def _free_name(run_dir: str) -> str:
+    """``config.yaml``, else the first free ``config-resume-N.yaml`` of the run directory."""
+    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
+        return "config.yaml"
+    i = 1
+    while os.path.exists(os.path.join(run_dir, f"config-resume-{i}.yaml")):
+        i += 1
+    return f"config-resume-{i}.yaml"
 
 
 def _usage_error(message: str) -> None:
@@ -191,7 +268,7 @@ def main(args: list[str] | None = None) -> None:
     KRFlowCLI(
         KRFlowModule,
         trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": False},  # never; the run directory is checked first
         seed_everything_default=False,  # the run is seeded by --model.seed
         auto_configure_optimizers=False,  # Adam + cosine schedule, as in krflows.fit
         parser_kwargs={"description": "krflows: monotone triangular flows for Bayesian inference.",

@@ -84,6 +84,51 @@ def test_bad_model_option_is_a_usage_error(tmp_path, capsys, flag, value, messag
     assert not (tmp_path / "bad").exists()  # nothing written
 
 
+def test_runs_are_never_clobbered(tmp_path, capsys):
+    """A second run with the same --name is refused; a bad --ckpt_path is refused before anything is
+    written; a resume keeps the run's first config and writes its own beside it."""
+    root = ["--root_dir", str(tmp_path), "--trainer.max_steps", "2"]
+    run(*TINY, *root, "--name", "one", "--model.target", "banana")
+    run_dir = tmp_path / "one"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    def refused(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            run(*TINY, *root, *args)
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    err = refused("--name", "one")
+    assert f"the run directory {run_dir} already exists" in err and "--ckpt_path" in err
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes()[:2000])
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "hyper_parameters": {"lr": 1.0}}, other)
+    for path, reason in [(run_dir / "checkpoints" / "lst.ckpt", "no such file"),
+                         (tmp_path / "junk.ckpt", "truncated or not a torch checkpoint file"),
+                         (truncated, "truncated or not a torch checkpoint file"),
+                         (other, "its hyperparameters are not a KRFlowModule's"),
+                         (tmp_path, "not a file")]:
+        err = refused("--ckpt_path", str(path), "--name", "one")
+        assert f"krflows fit: error: not a krflows checkpoint: {path}: {reason}" in err, err
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "junk.ckpt", "one", "other.ckpt", "truncated.ckpt"]
+
+    run(*TINY, "--trainer.max_steps", "3", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"))
+    assert (run_dir / "config.yaml").read_bytes() == before[run_dir / "config.yaml"]
+    assert yaml.safe_load((run_dir / "config-resume-1.yaml").read_text())["trainer"]["max_steps"] == 3
+
+
+def test_timestamped_runs_get_a_suffix(tmp_path, monkeypatch):
+    monkeypatch.setattr("time.strftime", lambda fmt: "20260101-000000")
+    for _ in range(2):
+        run(*TINY, "--root_dir", str(tmp_path), "--trainer.max_steps", "1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["20260101-000000", "20260101-000000-1"]
+
+
 def test_yaml_config(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
