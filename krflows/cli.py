@@ -106,10 +106,29 @@ class KRFlowCLI(LightningCLI):
         parser.set_defaults(DEFAULTS)
 
     def parse_arguments(self, parser, args) -> None:
-        """Parses, then checks ``--ckpt_path`` before anything is read from it or written."""
+        """Parses, then checks ``--ckpt_path`` before anything is read from it or written.
+
+        Lightning then merges the checkpoint's hyperparameters over the parsed model options;
+        a model option given here that differs from them would be silently ignored, so it is
+        refused (trainer options, e.g. ``--trainer.max_steps``, may change on resume).
+        """
         super().parse_arguments(parser, args)
-        if self.config.get("subcommand") == "fit" and self.config.fit.get("ckpt_path"):
-            load_checkpoint(self.config.fit.ckpt_path)
+        if self.config.get("subcommand") != "fit" or not self.config.fit.get("ckpt_path"):
+            return
+        path = self.config.fit.ckpt_path
+        hparams = load_checkpoint(path)["hyper_parameters"]
+        given = _given_model_keys(sys.argv[1:] if args is None else args)
+        defaults = self._subcommand_parsers["fit"].get_defaults().model
+        model = self.config.fit.model
+        conflicts = []
+        for key in sorted(set(vars(model)) & set(hparams)):
+            value, saved = _plain(model[key]), _plain(hparams[key])
+            if (key in given or value != _plain(defaults[key])) and value != saved:
+                conflicts.append(f"--model.{key} {_show(value)} (the checkpoint has {_show(saved)})")
+        if conflicts:
+            _usage_error(f"resuming from {path} keeps the model it was trained with; these options differ "
+                         f"from it: {'; '.join(conflicts)}. Drop them, or start a new run without "
+                         "--ckpt_path (trainer options such as --trainer.max_steps may change)")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -222,6 +241,30 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(hparams, dict) or not {"target", "transform", "layers"} <= set(hparams):
         refuse("its hyperparameters are not a KRFlowModule's (a checkpoint of another model?)")
     return ckpt
+
+
+def _given_model_keys(args: list[str]) -> set[str]:
+    """The ``--model.KEY`` options named on the command line."""
+    keys = set()
+    for arg in args:
+        if isinstance(arg, str) and arg.startswith("--model."):
+            keys.add(arg[len("--model."):].split("=", 1)[0].split(".", 1)[0])
+    return keys
+
+
+def _plain(value):
+    """Config values as plain Python (namespaces as dicts, tuples as lists) for comparison."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value)
 
 
 def _free_name(run_dir: str) -> str:

@@ -129,6 +129,23 @@ def test_timestamped_runs_get_a_suffix(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["20260101-000000", "20260101-000000-1"]
 
 
+def test_resume_refuses_conflicting_model_options(tmp_path, capsys):
+    run(*TINY, "--root_dir", str(tmp_path), "--name", "r", "--trainer.max_steps", "2",
+        "--model.target", "banana")
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run(*TINY, "--trainer.max_steps", "4", "--ckpt_path", str(last), "--model.layers", "3",
+            "--model.lr", "0.1")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and torch.load(last, weights_only=False)["global_step"] == 2
+    assert "--model.layers 3 (the checkpoint has 1)" in err
+    assert "--model.lr 0.1 (the checkpoint has 0.003)" in err
+    # the same values as the checkpoint's, and trainer options, are fine
+    run(*TINY, "--trainer.max_steps", "3", "--ckpt_path", str(last), "--model.target", "banana")
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+
+
 def test_yaml_config(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
