@@ -7,12 +7,18 @@ TensorBoard events, ``config.yaml``, ``checkpoints/last.ckpt`` (every
 ``--checkpoint.every_n_train_steps`` steps and at the end) and the bias report
 ``report.md`` / ``report.json``. Options come from flags or YAML (``--config run.yaml``);
 ``krflows fit --print_config`` prints the full configuration.
+
+A run never writes into another run's directory: an existing ``--name`` is refused (exit 2),
+and ``--ckpt_path`` is checked before anything is written. SIGTERM or SIGINT stops a run after
+the current step with ``checkpoints/last.ckpt`` saved there, and exits 143 or 130 (``128 +
+signal``, as a shell reports a killed process): resuming from it continues bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import warnings
@@ -22,6 +28,7 @@ import torch
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from krflows.callbacks import DiagnosticsReport, RunCheckpoint, SamplePlots, TrainingMetrics
 from krflows.lightning import KRFlowModule
@@ -308,6 +315,19 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # no data to load
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning vs torch
     description = DESCRIPTION.format(targets=", ".join(sorted(TARGETS)), steps=TRAINER_DEFAULTS["max_steps"])
+    try:
+        _run_cli(description, args)
+    except SIGTERMException as stop:  # a SystemExit with code None: it would exit 0
+        signum, step, path = getattr(stop, "krflows_stop", (signal.SIGTERM, None, None))
+        where = "" if step is None else f" at step {step}"
+        saved = (f"; checkpoint {path} (resume: krflows fit --ckpt_path {path})" if path
+                 else "; no checkpoint was saved")
+        name = signal.Signals(signum).name
+        print(f"krflows fit: stopped by {name}{where}{saved}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+
+
+def _run_cli(description: str, args: list[str] | None) -> None:
     KRFlowCLI(
         KRFlowModule,
         trainer_defaults=TRAINER_DEFAULTS,

@@ -1,6 +1,7 @@
 """The command line ``krflows fit``: help, config printing, a run directory, resumption."""
 
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -144,6 +145,51 @@ def test_resume_refuses_conflicting_model_options(tmp_path, capsys):
     # the same values as the checkpoint's, and trainer options, are fine
     run(*TINY, "--trainer.max_steps", "3", "--ckpt_path", str(last), "--model.target", "banana")
     assert torch.load(last, weights_only=False)["global_step"] == 3
+
+
+KILL_AT = '''
+import os
+from lightning.pytorch.callbacks import Callback
+
+
+class KillAt(Callback):
+    """Sends the process a signal at the end of step ``step``."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+'''
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_exits_nonzero_and_resumes_bit_identically(tmp_path, monkeypatch, capsys,
+                                                                              signum):
+    (tmp_path / "killat.py").write_text(KILL_AT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = [*TINY, "--root_dir", str(tmp_path), "--checkpoint.every_n_train_steps", "100",
+              "--model.target", "banana", "--model.seed", "3"]
+    run(*common, "--name", "whole", "--trainer.max_steps", "6")
+    with pytest.raises(SystemExit) as exit_:
+        run(*common, "--name", "cut", "--trainer.max_steps", "6", "--trainer.callbacks",
+            f"[{{class_path: killat.KillAt, init_args: {{step: 3, signum: {int(signum)}}}}}]")
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert exit_.value.code == 128 + signum  # 143 for SIGTERM, 130 for SIGINT
+    err = capsys.readouterr().err
+    assert f"krflows fit: stopped by {signal.Signals(signum).name} at step 3; checkpoint {last}" in err
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert not (tmp_path / "cut" / "report.md").exists()  # no report of an unfinished run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    run(*TINY, "--trainer.max_steps", "6", "--ckpt_path", str(last))
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == whole["global_step"] == 6
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
 
 
 def test_yaml_config(tmp_path, capsys):
