@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from krflows.callbacks import DiagnosticsReport, RunCheckpoint, SamplePlots, TrainingMetrics
 from krflows.lightning import KRFlowModule
+from krflows.objectives import NonDifferentiableTargetError, NonFiniteTargetError, TrainingDivergedError
 from krflows.targets import TARGETS
 
 __all__ = ["KRFlowCLI", "main"]
@@ -317,6 +318,9 @@ def main(args: list[str] | None = None) -> None:
     description = DESCRIPTION.format(targets=", ".join(sorted(TARGETS)), steps=TRAINER_DEFAULTS["max_steps"])
     try:
         _run_cli(description, args)
+    except (TrainingDivergedError, NonFiniteTargetError, NonDifferentiableTargetError) as err:
+        print(f"krflows fit: error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     except SIGTERMException as stop:  # a SystemExit with code None: it would exit 0
         signum, step, path = getattr(stop, "krflows_stop", (signal.SIGTERM, None, None))
         where = "" if step is None else f" at step {step}"

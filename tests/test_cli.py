@@ -192,6 +192,15 @@ def test_signal_saves_a_checkpoint_exits_nonzero_and_resumes_bit_identically(tmp
         assert torch.equal(value, resumed["state_dict"][key]), key
 
 
+def test_divergence_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run("--model.layers", "2", "--model.hidden", "[32, 32]", "--model.lr", "10", "--model.warmup", "0",
+            "--trainer.max_steps", "200", "--trainer.enable_progress_bar", "false",
+            "--root_dir", str(tmp_path), "--name", "lr10", "--model.target", "banana")
+    assert exit_.value.code == 1
+    assert "krflows fit: error: TrainingDivergedError: training diverged" in capsys.readouterr().err
+
+
 def test_yaml_config(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
