@@ -2,32 +2,38 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
-def check_points(x: Tensor, dim: int, ref: Tensor | None = None, name: str = "x", finite: bool = True
-                 ) -> Tensor:
-    """Checks that ``x`` is a floating tensor of shape ``(*, dim)``, finite unless ``finite=False``.
+def check_points(x: Tensor, dim: int | None, ref: Tensor | None = None, name: str = "x", *,
+                 finite: bool = True, owner: str = "the flow") -> Tensor:
+    """Checks that ``x`` is a finite floating tensor of shape ``(*, dim)``.
 
     If ``ref`` is given, ``x`` must also have its dtype and device (no silent casts).
-    Returns ``x`` unchanged.
+    ``dim=None`` skips the width check; ``finite=False`` the finiteness check (the only one
+    that reads the data: the others are free). Returns ``x`` unchanged.
     """
+    width = "d" if dim is None else dim
     if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (*, {dim}), "
+        raise ValueError(f"{name} must be a torch.Tensor of shape (*, {width}), "
                          f"got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[-1] != dim:
-        raise ValueError(f"{name} must have shape (*, {dim}), got {tuple(x.shape)}")
+    if x.dim() < 1 or (dim is not None and x.shape[-1] != dim):
+        raise ValueError(f"{name} must have shape (*, {width}), got {tuple(x.shape)}")
     if not torch.is_floating_point(x):
         raise ValueError(f"{name} must have a floating dtype (float32 or float64), got {x.dtype}")
     if ref is not None and x.dtype != ref.dtype:
-        raise ValueError(f"{name} has dtype {x.dtype} but the flow is {ref.dtype}: "
+        raise ValueError(f"{name} has dtype {x.dtype} but {owner} is {ref.dtype}: "
                          f"convert one of them (e.g. flow.to({x.dtype}))")
     if ref is not None and x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but the flow is on {ref.device}")
+        raise ValueError(f"{name} is on {x.device} but {owner} is on {ref.device}")
     if finite and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(-1).sum())
         raise ValueError(f"{name} must be finite: {bad} of its points contain NaN or inf")
@@ -78,3 +84,75 @@ def renamed_keyword(kwargs: dict, old: str, new: str, value: Any, default: Any, 
         raise ValueError(f"give {new}= only ({old}= is its deprecated name), not both")
     warnings.warn(f"the keyword {old}= is deprecated: use {new}=", DeprecationWarning, stacklevel=stacklevel)
     return kwargs.pop(old)
+
+
+# ---- constructor options ------------------------------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def check_int(name: str, value, low: int) -> int:
+    """``value`` must be an int ``>= low``; returns it as a Python int."""
+    if not _is_int(value) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value, low: float, high: float = math.inf, *, closed_low: bool = False) -> float:
+    """``value`` must be a finite real number in ``(low, high)`` (``[low, high)`` if ``closed_low``)."""
+    ok = _is_real(value) and math.isfinite(value) and value < high
+    ok = ok and (value >= low if closed_low else value > low)
+    if not ok:
+        interval = f"{'>=' if closed_low else '>'} {low:g}" if high == math.inf else \
+            f"in {'[' if closed_low else '('}{low:g}, {high:g})"
+        raise ValueError(f"{name} must be a finite number {interval}, got {value!r}")
+    return float(value)
+
+
+def check_hidden(hidden) -> tuple[int, ...]:
+    """Hidden widths: a sequence of positive ints (possibly empty: a linear conditioner)."""
+    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence | torch.Size):
+        raise ValueError(f"hidden must be a sequence of positive ints (the widths of the hidden "
+                         f"layers, e.g. (64, 64)), got {hidden!r}")
+    if not all(_is_int(w) and w >= 1 for w in hidden):
+        raise ValueError(f"hidden must be a sequence of positive ints (the widths of the hidden "
+                         f"layers, e.g. (64, 64)), got {list(hidden)!r}")
+    return tuple(int(w) for w in hidden)
+
+
+#: the minimum of each integer option of the named families (Bernstein's degree M divides
+#: the slope, the integrated family's expansion needs a_0 and a_1)
+_INT_OPTIONS = {("spline", "bins"): 1, ("bernstein", "degree"): 1, ("integrated", "degree"): 1}
+
+
+def check_family_options(family: str, cls, options: dict) -> None:
+    """Checks the options of the named monotone family before it is built.
+
+    Unknown names, ``bins``/``degree`` below their minimum, a box ``bound`` that is not a
+    finite positive number, ``min_slope`` outside ``[0, 1)`` (the slope floor is added to a
+    softplus shifted to give 1 at zero) and ``min_width`` with ``bins * min_width >= 1``
+    raise a :class:`ValueError` that names the option and its valid range.
+    """
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} of the {family!r} family; "
+                         f"it takes {', '.join(allowed) or 'no options'}")
+    # integer options first: min_width's range depends on bins
+    for key, value in sorted(options.items(), key=lambda kv: (family, kv[0]) not in _INT_OPTIONS):
+        if (family, key) in _INT_OPTIONS:
+            check_int(key, value, _INT_OPTIONS[family, key])
+        elif key == "bound":
+            check_real("bound", value, 0.0)
+        elif key == "min_slope":
+            check_real("min_slope", value, 0.0, 1.0, closed_low=True)
+        elif key == "min_width":
+            bins = options.get("bins", inspect.signature(cls.__init__).parameters["bins"].default)
+            check_real(f"min_width (with bins={bins})", value, 0.0, 1.0 / bins, closed_low=True)
+        elif key == "affine" and not isinstance(value, bool | np.bool_):
+            raise ValueError(f"affine must be True or False, got {value!r}")

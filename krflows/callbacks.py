@@ -11,7 +11,8 @@ r"""Lightning callbacks for :class:`~krflows.lightning.KRFlowModule` runs.
   under the module's NaN policy) as TensorBoard text and ``report/*`` scalars (the keys of
   :meth:`krflows.diagnostics.Report.scalars`), and as ``report.md`` / ``report.json`` in the
   run directory.
-* :class:`RunCheckpoint`: a ``ModelCheckpoint`` that also writes ``last.ckpt`` at the end.
+* :class:`RunCheckpoint`: a ``ModelCheckpoint`` that also writes ``last.ckpt`` at the end
+  and where SIGTERM or SIGINT stops the run.
 
 The diagnostics themselves are the pure functions of :mod:`krflows.diagnostics`; the figures
 are :mod:`krflows.plot`.
@@ -20,11 +21,14 @@ are :mod:`krflows.plot`.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from krflows.diagnostics import diagnose, ess, log_z_estimate, pareto_k
 from krflows.importance import log_weights
@@ -161,11 +165,47 @@ class DiagnosticsReport(Callback):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also saves ``last.ckpt`` when training ends, at any step count.
+    """``ModelCheckpoint`` that also saves ``last.ckpt`` when training ends, at any step count,
+    and when the run is stopped by SIGTERM or SIGINT.
 
     With ``save_last=True`` and ``every_n_train_steps=N`` the last state is saved every
     ``N`` steps (so a crash loses at most ``N`` steps) and once more at the end.
+
+    Stopping: Lightning's own SIGTERM handling ends the run after the current step with a
+    ``SIGTERMException``; SIGINT (Ctrl-C) is routed the same way (a second one stops at
+    once, without a checkpoint). At that step boundary ``last.ckpt`` is saved, from which a
+    resumed run continues bit for bit. The exception carries ``krflows_stop = (signal,
+    step, path)``; ``krflows fit`` reports it and exits ``128 + signal`` (143, 130).
     """
+
+    _signal: int | None = None  # the signal that stopped the run
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Wraps Lightning's SIGTERM handler (installed by now; Lightning puts the previous
+        handlers back when fitting ends) to record the signal, and routes SIGINT to it."""
+        super().on_train_start(trainer, pl_module)
+        self._signal = None
+        if os.name == "nt" or threading.current_thread() is not threading.main_thread():
+            return
+        lightning_handler = signal.getsignal(signal.SIGTERM)
+
+        def stop(signum, frame) -> None:
+            if signum == signal.SIGINT and self._signal is not None:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now
+            self._signal = self._signal or signum
+            if callable(lightning_handler):
+                lightning_handler(signal.SIGTERM, frame)  # Lightning stops after this step
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or not self.dirpath or trainer.fast_dev_run:
+            return  # an error: the last good checkpoint stays
+        path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        trainer.save_checkpoint(path, weights_only=False)  # at a step boundary: consistent
+        self.last_model_path = path
+        exception.krflows_stop = (self._signal or signal.SIGTERM, trainer.global_step, path)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not (self.save_last and self.dirpath) or trainer.fast_dev_run:

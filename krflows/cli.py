@@ -7,12 +7,18 @@ TensorBoard events, ``config.yaml``, ``checkpoints/last.ckpt`` (every
 ``--checkpoint.every_n_train_steps`` steps and at the end) and the bias report
 ``report.md`` / ``report.json``. Options come from flags or YAML (``--config run.yaml``);
 ``krflows fit --print_config`` prints the full configuration.
+
+A run never writes into another run's directory: an existing ``--name`` is refused (exit 2),
+and ``--ckpt_path`` is checked before anything is written. SIGTERM or SIGINT stops a run after
+the current step with ``checkpoints/last.ckpt`` saved there, and exits 143 or 130 (``128 +
+signal``, as a shell reports a killed process): resuming from it continues bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import warnings
@@ -22,9 +28,11 @@ import torch
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from krflows.callbacks import DiagnosticsReport, RunCheckpoint, SamplePlots, TrainingMetrics
 from krflows.lightning import KRFlowModule
+from krflows.objectives import NonDifferentiableTargetError, NonFiniteTargetError, TrainingDivergedError
 from krflows.targets import TARGETS
 
 __all__ = ["KRFlowCLI", "main"]
@@ -106,6 +114,31 @@ class KRFlowCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(DEFAULTS)
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parses, then checks ``--ckpt_path`` before anything is read from it or written.
+
+        Lightning then merges the checkpoint's hyperparameters over the parsed model options;
+        a model option given here that differs from them would be silently ignored, so it is
+        refused (trainer options, e.g. ``--trainer.max_steps``, may change on resume).
+        """
+        super().parse_arguments(parser, args)
+        if self.config.get("subcommand") != "fit" or not self.config.fit.get("ckpt_path"):
+            return
+        path = self.config.fit.ckpt_path
+        hparams = load_checkpoint(path)["hyper_parameters"]
+        given = _given_model_keys(sys.argv[1:] if args is None else args)
+        defaults = self._subcommand_parsers["fit"].get_defaults().model
+        model = self.config.fit.model
+        conflicts = []
+        for key in sorted(set(vars(model)) & set(hparams)):
+            value, saved = _plain(model[key]), _plain(hparams[key])
+            if (key in given or value != _plain(defaults[key])) and value != saved:
+                conflicts.append(f"--model.{key} {_show(value)} (the checkpoint has {_show(saved)})")
+        if conflicts:
+            _usage_error(f"resuming from {path} keeps the model it was trained with; these options differ "
+                         f"from it: {'; '.join(conflicts)}. Drop them, or start a new run without "
+                         "--ckpt_path (trainer options such as --trainer.max_steps may change)")
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         model = config.model
@@ -114,17 +147,58 @@ class KRFlowCLI(LightningCLI):
             model.target_options = None  # the default options belong to the default target
         root, name = config.root_dir, config.name
         ckpt = Path(config.ckpt_path) if config.get("ckpt_path") else None
-        if name is None and ckpt is not None and ckpt.parent.name == "checkpoints":
-            root, name = str(ckpt.parent.parent.parent), ckpt.parent.parent.name
-        if name is None and os.environ.get("LOCAL_RANK", "0") != "0":
+        run_of_ckpt = ckpt.parent.parent if ckpt is not None and ckpt.parent.name == "checkpoints" else None
+        if name is None and run_of_ckpt is not None:
+            root, name = str(run_of_ckpt.parent), run_of_ckpt.name
+        main_rank = os.environ.get("LOCAL_RANK", "0") == "0"
+        if name is None and not main_rank:
             name = os.environ.get(_NAME_ENV)
-        if name is None:
+        timestamped = name is None
+        if timestamped:
             name = time.strftime("%Y%m%d-%H%M%S")
+        self._claimed = None
+        if main_rank and not config.trainer.get("fast_dev_run"):
+            resuming_here = run_of_ckpt is not None and Path(root, name).resolve() == run_of_ckpt.resolve()
+            if resuming_here:  # the run's own directory: its first config stays, this one goes beside it
+                self.save_config_kwargs["config_filename"] = _free_name(os.path.join(root, name))
+            else:
+                name = self._claim(root, name, versioned=timestamped)
         os.environ[_NAME_ENV] = name
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.run_dir = os.path.join(root, name)
         self.run_root, self.run_name = root, name
+
+    def _claim(self, root: str, name: str, versioned: bool) -> str:
+        """Creates ``<root>/<name>`` (atomically, so two runs never share it) and returns the name.
+
+        An existing directory is never written into: a name the user chose is refused, a
+        timestamp gets a suffix (``-1``, ``-2``, ...) as two runs started in one second would.
+        """
+        os.makedirs(root, exist_ok=True)
+        for i in range(1000):
+            candidate = name if i == 0 else f"{name}-{i}"
+            path = os.path.join(root, candidate)
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                if versioned:
+                    continue
+                _usage_error(f"the run directory {path} already exists, and krflows never writes into "
+                             f"another run: choose another --name, resume that run with --ckpt_path "
+                             f"{os.path.join(path, 'checkpoints', 'last.ckpt')}, or remove the directory")
+            self._claimed = path
+            return candidate
+        raise RuntimeError(f"no free run name {name}-N in {root}")
+
+    def instantiate_classes(self) -> None:
+        """Builds the model, callbacks and trainer; a bad option is a usage error, not a traceback."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            if self._claimed is not None and not os.listdir(self._claimed):
+                os.rmdir(self._claimed)  # nothing was written: give the name back
+            _usage_error(str(err))
 
     def instantiate_trainer(self, **kwargs):
         logger = self._get(self.config_init, "trainer", default={}).get("logger")
@@ -151,6 +225,73 @@ class KRFlowCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
+def load_checkpoint(path: str) -> dict:
+    """Reads a ``krflows fit`` checkpoint (on the CPU), or exits with a usage error that says why not:
+    ``not a krflows checkpoint: <path>: <reason>``."""
+    def refuse(reason: str):
+        _usage_error(f"not a krflows checkpoint: {path}: {reason}")
+
+    if not os.path.exists(path):
+        refuse("no such file")
+    if not os.path.isfile(path):
+        refuse("not a file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as err:
+        refuse(f"cannot be read ({err.strerror})")
+    except Exception as err:  # noqa: BLE001 - every unreadable file gets the same clear message
+        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        refuse(f"truncated or not a torch checkpoint file ({type(err).__name__}: {first})")
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    missing = [k for k in ("state_dict", "global_step", "hyper_parameters") if not isinstance(ckpt, dict)
+               or k not in ckpt]
+    if missing:
+        refuse(f"no {', '.join(missing)} (not a Lightning checkpoint)")
+    if not isinstance(hparams, dict) or not {"target", "transform", "layers"} <= set(hparams):
+        refuse("its hyperparameters are not a KRFlowModule's (a checkpoint of another model?)")
+    return ckpt
+
+
+def _given_model_keys(args: list[str]) -> set[str]:
+    """The ``--model.KEY`` options named on the command line."""
+    keys = set()
+    for arg in args:
+        if isinstance(arg, str) and arg.startswith("--model."):
+            keys.add(arg[len("--model."):].split("=", 1)[0].split(".", 1)[0])
+    return keys
+
+
+def _plain(value):
+    """Config values as plain Python (namespaces as dicts, tuples as lists) for comparison."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value)
+
+
+def _free_name(run_dir: str) -> str:
+    """``config.yaml``, else the first free ``config-resume-N.yaml`` of the run directory."""
+    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
+        return "config.yaml"
+    i = 1
+    while os.path.exists(os.path.join(run_dir, f"config-resume-{i}.yaml")):
+        i += 1
+    return f"config-resume-{i}.yaml"
+
+
+def _usage_error(message: str) -> None:
+    """Exits with status 2 and ``krflows fit: error: <message>`` on stderr, as argparse does."""
+    print(f"krflows fit: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def _summary(report) -> list[str]:
     """The headline numbers of a bias report (:meth:`krflows.diagnostics.Report.headline`)."""
     return report.headline()
@@ -161,10 +302,26 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # no data to load
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning vs torch
     description = DESCRIPTION.format(targets=", ".join(sorted(TARGETS)), steps=TRAINER_DEFAULTS["max_steps"])
+    try:
+        _run_cli(description, args)
+    except (TrainingDivergedError, NonFiniteTargetError, NonDifferentiableTargetError) as err:
+        print(f"krflows fit: error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except SIGTERMException as stop:  # a SystemExit with code None: it would exit 0
+        signum, step, path = getattr(stop, "krflows_stop", (signal.SIGTERM, None, None))
+        where = "" if step is None else f" at step {step}"
+        saved = (f"; checkpoint {path} (resume: krflows fit --ckpt_path {path})" if path
+                 else "; no checkpoint was saved")
+        name = signal.Signals(signum).name
+        print(f"krflows fit: stopped by {name}{where}{saved}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+
+
+def _run_cli(description: str, args: list[str] | None) -> None:
     KRFlowCLI(
         KRFlowModule,
         trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": False},  # never; the run directory is checked first
         seed_everything_default=False,  # the run is seeded by --model.seed
         auto_configure_optimizers=False,  # Adam + cosine schedule, as in krflows.fit
         parser_kwargs={"description": "krflows: monotone triangular flows for Bayesian inference.",
@@ -174,4 +331,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.distributions import ComposeTransform, Independent, Normal, Transform, TransformedDistribution
 
-from krflows._checks import check_points, renamed_keyword
+from krflows._checks import check_family_options, check_hidden, check_int, check_points, renamed_keyword
 from krflows.nn import MaskedMLP
 from krflows.transforms.autoregressive import AutoregressiveTransform
 from krflows.transforms.base import ComposeTriangular, Permutation, TriangularTransform
@@ -102,10 +102,14 @@ class KRFlow(nn.Module):
         if isinstance(family, str):
             if family not in FAMILIES:
                 raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+            check_family_options(family, FAMILIES[family], family_options)
             family = FAMILIES[family](**family_options)
+        elif not isinstance(family, MonotoneFamily):
+            raise ValueError(f"family must be a family name or a MonotoneFamily, got {family!r}")
+        layers, hidden = check_int("layers", layers, 0), check_hidden(hidden)
         self.dim, self.family = dim, family
         self.conditioners = nn.ModuleList(
-            MaskedMLP(dim, family.n_params, tuple(hidden)) for _ in range(layers))
+            MaskedMLP(dim, family.n_params, hidden) for _ in range(layers))
         self.affine = LowerAffine(dim) if affine_stage else None
         if order is not None:
             order = torch.as_tensor(order, dtype=torch.long)

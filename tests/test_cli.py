@@ -1,6 +1,7 @@
 """The command line ``krflows fit``: help, config printing, a run directory, resumption."""
 
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -70,6 +71,134 @@ def test_fit_writes_a_run_directory_and_resumes(tmp_path, capsys):
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["global_step"] == 8 and ckpt["hyper_parameters"]["target"] == "banana"
     assert f"tensorboard --logdir {run_dir}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--model.layers", "-1", "layers must be an int >= 0, got -1"),
+    ("--model.family_options", "{bound: 0}", "bound must be a finite number > 0, got 0"),
+])
+def test_bad_model_option_is_a_usage_error(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        run(*TINY, flag, value, "--root_dir", str(tmp_path), "--name", "bad")
+    assert exit_.value.code == 2
+    assert f"krflows fit: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written
+
+
+def test_runs_are_never_clobbered(tmp_path, capsys):
+    """A second run with the same --name is refused; a bad --ckpt_path is refused before anything is
+    written; a resume keeps the run's first config and writes its own beside it."""
+    root = ["--root_dir", str(tmp_path), "--trainer.max_steps", "2"]
+    run(*TINY, *root, "--name", "one", "--model.target", "banana")
+    run_dir = tmp_path / "one"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    def refused(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            run(*TINY, *root, *args)
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    err = refused("--name", "one")
+    assert f"the run directory {run_dir} already exists" in err and "--ckpt_path" in err
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes()[:2000])
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "hyper_parameters": {"lr": 1.0}}, other)
+    for path, reason in [(run_dir / "checkpoints" / "lst.ckpt", "no such file"),
+                         (tmp_path / "junk.ckpt", "truncated or not a torch checkpoint file"),
+                         (truncated, "truncated or not a torch checkpoint file"),
+                         (other, "its hyperparameters are not a KRFlowModule's"),
+                         (tmp_path, "not a file")]:
+        err = refused("--ckpt_path", str(path), "--name", "one")
+        assert f"krflows fit: error: not a krflows checkpoint: {path}: {reason}" in err, err
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "junk.ckpt", "one", "other.ckpt", "truncated.ckpt"]
+
+    run(*TINY, "--trainer.max_steps", "3", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"))
+    assert (run_dir / "config.yaml").read_bytes() == before[run_dir / "config.yaml"]
+    assert yaml.safe_load((run_dir / "config-resume-1.yaml").read_text())["trainer"]["max_steps"] == 3
+
+
+def test_timestamped_runs_get_a_suffix(tmp_path, monkeypatch):
+    monkeypatch.setattr("time.strftime", lambda fmt: "20260101-000000")
+    for _ in range(2):
+        run(*TINY, "--root_dir", str(tmp_path), "--trainer.max_steps", "1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["20260101-000000", "20260101-000000-1"]
+
+
+def test_resume_refuses_conflicting_model_options(tmp_path, capsys):
+    run(*TINY, "--root_dir", str(tmp_path), "--name", "r", "--trainer.max_steps", "2",
+        "--model.target", "banana")
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run(*TINY, "--trainer.max_steps", "4", "--ckpt_path", str(last), "--model.layers", "3",
+            "--model.lr", "0.1")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and torch.load(last, weights_only=False)["global_step"] == 2
+    assert "--model.layers 3 (the checkpoint has 1)" in err
+    assert "--model.lr 0.1 (the checkpoint has 0.003)" in err
+    # the same values as the checkpoint's, and trainer options, are fine
+    run(*TINY, "--trainer.max_steps", "3", "--ckpt_path", str(last), "--model.target", "banana")
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+
+
+KILL_AT = '''
+import os
+from lightning.pytorch.callbacks import Callback
+
+
+class KillAt(Callback):
+    """Sends the process a signal at the end of step ``step``."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+'''
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_exits_nonzero_and_resumes_bit_identically(tmp_path, monkeypatch, capsys,
+                                                                              signum):
+    (tmp_path / "killat.py").write_text(KILL_AT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = [*TINY, "--root_dir", str(tmp_path), "--checkpoint.every_n_train_steps", "100",
+              "--model.target", "banana", "--model.seed", "3"]
+    run(*common, "--name", "whole", "--trainer.max_steps", "6")
+    with pytest.raises(SystemExit) as exit_:
+        run(*common, "--name", "cut", "--trainer.max_steps", "6", "--trainer.callbacks",
+            f"[{{class_path: killat.KillAt, init_args: {{step: 3, signum: {int(signum)}}}}}]")
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert exit_.value.code == 128 + signum  # 143 for SIGTERM, 130 for SIGINT
+    err = capsys.readouterr().err
+    assert f"krflows fit: stopped by {signal.Signals(signum).name} at step 3; checkpoint {last}" in err
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert not (tmp_path / "cut" / "report.md").exists()  # no report of an unfinished run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    run(*TINY, "--trainer.max_steps", "6", "--ckpt_path", str(last))
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == whole["global_step"] == 6
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def test_divergence_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run("--model.layers", "2", "--model.hidden", "[32, 32]", "--model.lr", "10", "--model.warmup", "0",
+            "--trainer.max_steps", "200", "--trainer.enable_progress_bar", "false",
+            "--root_dir", str(tmp_path), "--name", "lr10", "--model.target", "banana")
+    assert exit_.value.code == 1
+    assert "krflows fit: error: TrainingDivergedError: training diverged" in capsys.readouterr().err
 
 
 def test_yaml_config(tmp_path, capsys):

@@ -5,7 +5,7 @@ import torch
 
 import krflows
 from krflows.exact import gaussian_kr_map
-from krflows.objectives import NonFiniteTargetError
+from krflows.objectives import NonDifferentiableTargetError, NonFiniteTargetError, TrainingDivergedError
 
 
 def _cov(d, seed=0):
@@ -62,6 +62,49 @@ def test_whole_bad_batch_raises_and_leaves_parameters_untouched():
     with pytest.raises(NonFiniteTargetError, match="raised"):
         krflows.fit(flow, lambda x: 1 / 0, steps=5, batch_size=32, warmup=0)
     assert all(torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("target, match", [
+    (lambda x: torch.from_numpy(-(x.detach().numpy() ** 2).sum(-1)), "does not depend on x through autograd"),
+    (lambda x: -(x.detach() ** 2).sum(-1), "does not depend on x through autograd"),
+    (lambda x: (-(x ** 2).sum(-1)).long(), "must be a floating tensor .* got dtype torch.int64"),
+])
+def test_target_without_gradient_is_refused_at_the_first_step(target, match):
+    """Reverse KL without the gradient of log p fits log q alone (loss rising, no warning)."""
+    flow = krflows.KRFlow(2, layers=1, hidden=(8,))
+    before = [p.detach().clone() for p in flow.parameters()]
+    for warmup in (0, 5):  # the first step of either phase
+        with pytest.raises(NonDifferentiableTargetError, match=match):
+            krflows.fit(flow, target, steps=5, batch_size=32, warmup=warmup)
+    assert all(torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
+    if "autograd" in match:
+        with torch.no_grad():  # no gradient wanted: nothing to check
+            krflows.objectives.reverse_kl(flow, krflows.targets.as_target(target, dim=2), 8)
+
+
+def test_divergence_is_blamed_on_the_flow_not_the_target():
+    """lr=10 blows the flow's scale up until the banana's log density overflows everywhere."""
+    torch.manual_seed(0)
+    flow = krflows.KRFlow(2, layers=2, hidden=(32, 32))
+    with pytest.raises(TrainingDivergedError, match=r"training diverged: .* \(max \|x\| = .*\): the "
+                                                    r"optimizer blew the flow up.* Lower the learning rate"):
+        krflows.fit(flow, krflows.targets.get_target("banana"), steps=100, lr=10)
+    banana = krflows.targets.get_target("banana")
+    for seen in (True, False):  # a flow blown up after (or before) a batch where the target was finite
+        flow = krflows.KRFlow(2, layers=1, hidden=(8,))
+        if seen:
+            krflows.objectives.reverse_kl(flow, banana, 16)
+        with torch.no_grad():
+            flow.affine.log_diag.fill_(40.0)
+        error, match = ((TrainingDivergedError, "earlier samples") if seen
+                        else (NonFiniteTargetError, "support"))
+        with pytest.raises(error, match=match):
+            krflows.objectives.reverse_kl(flow, banana, 16)
+    flow = krflows.KRFlow(2, layers=1, hidden=(8,))  # a flow whose parameters are already NaN
+    with torch.no_grad():
+        flow.affine.shift.fill_(float("nan"))
+    with pytest.raises(TrainingDivergedError, match="parameters are not finite"):
+        krflows.fit(flow, krflows.targets.get_target("banana"), steps=5, warmup=0)
 
 
 def test_bad_arguments():

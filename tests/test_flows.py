@@ -154,7 +154,7 @@ def test_bad_input_is_rejected(bad, match):
 
 def test_old_keywords_still_work_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="family="):
-        flow = krflows.KRFlow(2, transform="affine", layers=1, hidden=(4,))
+        flow = krflows.KRFlow(2, family="affine", layers=1, hidden=(4,))
     assert type(flow.family).__name__ == "Affine"
     with pytest.warns(DeprecationWarning, match="affine_stage="):
         assert krflows.KRFlow(2, affine=False, layers=1, hidden=(4,)).affine is None
@@ -180,6 +180,36 @@ def test_bad_construction_is_rejected():
         krflows.KRFlow(3, order=[0, 0, 1])
     with pytest.raises(ValueError, match="positive int"):
         krflows.KRFlow(0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"bound": -5.0}, r"bound must be a finite number > 0, got -5.0"),
+    ({"bound": 0}, r"bound must be a finite number > 0, got 0"),
+    ({"bound": float("nan")}, r"bound must be a finite number > 0"),
+    ({"family": "bernstein", "bound": float("inf")}, r"bound must be a finite number > 0"),
+    ({"layers": -1}, r"layers must be an int >= 0, got -1"),
+    ({"layers": 2.0}, r"layers must be an int >= 0, got 2.0"),
+    ({"bins": 0}, r"bins must be an int >= 1, got 0"),
+    ({"hidden": (16, 0)}, r"hidden must be a sequence of positive ints .* got \[16, 0\]"),
+    ({"hidden": 16}, r"hidden must be a sequence of positive ints"),
+    ({"family": "bernstein", "degree": 0}, r"degree must be an int >= 1, got 0"),
+    ({"family": "integrated", "degree": -2}, r"degree must be an int >= 1, got -2"),
+    ({"min_slope": 1.5}, r"min_slope must be a finite number in \[0, 1\), got 1.5"),
+    ({"bins": 4, "min_width": 0.25}, r"min_width \(with bins=4\) must be a finite number in \[0, 0.25\)"),
+    ({"family": "affine", "bins": 8},
+     r"unknown option\(s\) 'bins' of the 'affine' family; it takes min_slope"),
+    ({"family": krflows.transforms.Spline}, r"family must be a family name or a MonotoneFamily"),
+])
+def test_bad_options_are_refused_with_the_valid_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        krflows.KRFlow(2, **kwargs)
+
+
+def test_edge_options_are_accepted():
+    flow = krflows.KRFlow(2, family="spline", bins=1, bound=0.5, layers=0, hidden=())
+    assert len(flow.conditioners) == 0 and flow.family.bins == 1
+    flow = krflows.KRFlow(2, family="integrated", degree=1, layers=1, hidden=[4])
+    assert torch.isfinite(flow.log_prob(flow.sample((3,)))).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -250,3 +280,24 @@ def test_compiled_flow_survives_deepcopy_and_pickle(monkeypatch):
     # root-finding inverses (data-dependent loops) stay eager: only sampling is compiled
     root_finding = krflows.KRFlow(2, family="bernstein", layers=1, hidden=(4,)).compile()
     assert set(root_finding._compiled) == {"push"}
+
+
+@pytest.mark.parametrize("order", [None, [1, 0]])
+def test_transform_checks_its_input_like_log_prob(order):
+    """Wrong width, dtype or a non-tensor at flow.transform / .inv: a ValueError naming what was expected."""
+    flow = krflows.KRFlow(2, layers=1, hidden=(8,), order=order)  # float32
+    T = flow.transform
+    cases = [(T, torch.randn(4, 3), r"z must have shape \(\*, 2\), got \(4, 3\)"),
+             (T.inv, torch.randn(4, 3), r"x must have shape \(\*, 2\), got \(4, 3\)"),
+             (T, torch.randn(4, 2, dtype=torch.float64), "z has dtype torch.float64 but the transform is "
+                                                          "torch.float32"),
+             (T.inv, torch.randn(4, 2, dtype=torch.float64), "x has dtype torch.float64 but the transform"),
+             (T, torch.ones(4, 2, dtype=torch.long), "z must have a floating dtype"),
+             (T.inv, [[0.0, 1.0]], "x must be a torch.Tensor")]
+    for fn, arg, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fn(arg)
+    with pytest.raises(ValueError, match=r"z must have shape \(\*, 2\), got \(3,\)"):
+        flow.triangular.log_abs_det_jacobian(torch.randn(3), torch.randn(3))
+    z = torch.randn(5, 2)
+    torch.testing.assert_close(T.inv(T(z)), z, atol=1e-4, rtol=1e-4)  # good input still passes

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import krflows
 from krflows.callbacks import DiagnosticsReport, SamplePlots, TrainingMetrics
 from krflows.lightning import KRFlowModule
-from krflows.objectives import NonFiniteTargetError
+from krflows.objectives import NonDifferentiableTargetError, NonFiniteTargetError, TrainingDivergedError
 
 SMALL = {"layers": 1, "hidden": (8,), "batch_size": 64}
 SCALARS = ["train/loss", "train/elbo", "train/ess", "train/pareto_k", "train/log_z", "train/grad_norm",
@@ -163,6 +163,19 @@ def test_whole_bad_batch_raises_and_nonfinite_gradients_are_skipped():
     trainer(max_steps=3).fit(module)
     assert module.skipped == 3
     assert all(torch.equal(a, b) for a, b in zip(before, params(module), strict=True))
+
+
+def test_target_without_gradient_is_refused():
+    module = KRFlowModule(flow=krflows.KRFlow(2, layers=1, hidden=(8,)), batch_size=32,
+                          target=lambda x: -0.5 * (x.detach() ** 2).sum(-1), warmup=0)
+    with pytest.raises(NonDifferentiableTargetError, match="does not depend on x through autograd"):
+        trainer(max_steps=2).fit(module)
+
+
+def test_divergence_is_blamed_on_the_flow():
+    module = KRFlowModule(target="banana", layers=2, hidden=(32, 32), lr=10.0)
+    with pytest.raises(TrainingDivergedError, match="training diverged"):
+        trainer(max_steps=200, gradient_clip_val=10.0).fit(module)
 
 
 RANK_DUMP = '''

@@ -37,6 +37,10 @@ class AutoregressiveTransform(TriangularTransform):
         super().__init__()
         self.conditioner, self.family, self.dim = conditioner, family, dim
 
+    def expected_input(self) -> tuple[int | None, Tensor | None]:
+        params = getattr(self.conditioner, "parameters", None)
+        return self.dim, next(iter(params()), None) if callable(params) else None
+
     def call_and_log_diag(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return self.family.forward(z, self.conditioner(z))
 

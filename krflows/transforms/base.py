@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
+from krflows._checks import check_points
+
 __all__ = ["TriangularTransform", "ComposeTriangular", "Permutation"]
 
 
@@ -51,14 +53,24 @@ class TriangularTransform(Transform):
         x, log_diag = self.call_and_log_diag(z)
         return x, log_diag.sum(-1)
 
+    def expected_input(self) -> tuple[int | None, Tensor | None]:
+        """``(d, ref)``: the input width and a tensor of the parameters' dtype and device
+        (``None`` where unknown). ``T(z)``, ``T.inv(x)`` and ``log_abs_det_jacobian`` check
+        their input against them (shape, dtype, device: no data read, no sync)."""
+        return None, None
+
+    def _checked(self, v: Tensor, name: str) -> Tensor:
+        dim, ref = self.expected_input()
+        return check_points(v, dim, ref, name, finite=False, owner="the transform")
+
     def _call(self, z: Tensor) -> Tensor:
-        return self.call_and_log_diag(z)[0]
+        return self.call_and_log_diag(self._checked(z, "z"))[0]
 
     def _inverse(self, x: Tensor) -> Tensor:
-        return self.inverse_and_log_diag(x)[0]
+        return self.inverse_and_log_diag(self._checked(x, "x"))[0]
 
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
-        return self.call_and_log_diag(z)[1].sum(-1)
+        return self.call_and_log_diag(self._checked(z, "z"))[1].sum(-1)
 
 
 class ComposeTriangular(TriangularTransform):
@@ -73,6 +85,13 @@ class ComposeTriangular(TriangularTransform):
         for p in parts:
             assert isinstance(p, TriangularTransform), f"{type(p).__name__} is not triangular"
         self.parts = list(parts)
+
+    def expected_input(self) -> tuple[int | None, Tensor | None]:
+        dim = ref = None
+        for part in self.parts:
+            d, r = part.expected_input()
+            dim, ref = d if dim is None else dim, r if ref is None else ref
+        return dim, ref
 
     def call_and_log_diag(self, z: Tensor) -> tuple[Tensor, Tensor]:
         total = torch.zeros_like(z)
@@ -109,10 +128,10 @@ class Permutation(Transform):
         return isinstance(other, Permutation) and torch.equal(self.order, other.order)
 
     def _call(self, y: Tensor) -> Tensor:
-        return y[..., self.inverse_order]
+        return check_points(y, len(self.order), None, "y", finite=False)[..., self.inverse_order]
 
     def _inverse(self, x: Tensor) -> Tensor:
-        return x[..., self.order]
+        return check_points(x, len(self.order), None, "x", finite=False)[..., self.order]
 
     def log_abs_det_jacobian(self, y: Tensor, x: Tensor) -> Tensor:
         return y.new_zeros(y.shape[:-1])

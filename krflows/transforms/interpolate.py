@@ -70,6 +70,9 @@ class Interpolated(TriangularTransform):
         log_mix = torch.logaddexp(torch.full_like(log_diag, math.log1p(-t)), log_diag + math.log(t))
         return (1 - t) * z + t * x, log_mix
 
+    def expected_input(self) -> tuple[int | None, Tensor | None]:
+        return self.T.expected_input()
+
     def call_and_log_diag(self, z: Tensor) -> tuple[Tensor, Tensor]:
         if self.t == 0.0:
             return z, torch.zeros_like(z)

@@ -31,6 +31,9 @@ class LowerAffineTransform(TriangularTransform):
         self.tril = torch.tril(tril)
         self.log_diag = torch.log(torch.diagonal(self.tril))
 
+    def expected_input(self) -> tuple[int | None, Tensor | None]:
+        return self.shift.shape[-1], self.shift
+
     def call_and_log_diag(self, z: Tensor) -> tuple[Tensor, Tensor]:
         x = self.shift + z @ self.tril.mT
         return x, self.log_diag.expand(z.shape)
