@@ -154,7 +154,7 @@ def test_bad_input_is_rejected(bad, match):
 
 def test_old_keywords_still_work_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="family="):
-        flow = krflows.KRFlow(2, family="affine", layers=1, hidden=(4,))
+        flow = krflows.KRFlow(2, transform="affine", layers=1, hidden=(4,))
     assert type(flow.family).__name__ == "Affine"
     with pytest.warns(DeprecationWarning, match="affine_stage="):
         assert krflows.KRFlow(2, affine=False, layers=1, hidden=(4,)).affine is None
