@@ -432,12 +432,15 @@ class AutoKRFlow(AutoContinuous):
         store, name = pyro.get_param_store(), self._pyro_get_fullname("flow")
         prefix = param_with_module_name(name, "")
         stored = {key[len(prefix):]: key for key in store.keys() if key.startswith(prefix)}
+        if not stored:
+            return False  # nothing stored yet: pyro.module registers the flow on first access
         params = dict(flow.named_parameters())
-        if not stored or all(stored.get(n) and store[stored[n]] is p for n, p in params.items()):
-            return False  # nothing stored yet (registered on first access), or in step
-        missing, unexpected = sorted(set(params) - set(stored)), sorted(set(stored) - set(params))
-        shapes = [f"{n}: {tuple(store[stored[n]].shape)} stored vs {tuple(p.shape)}"
-                  for n, p in params.items() if n in stored and store[stored[n]].shape != p.shape]
+        unexpected = sorted(set(stored) - set(params))
+        shapes = [f"{n}: {tuple(store[key].shape)} stored vs {tuple(params[n].shape)}"
+                  for n, key in stored.items() if n in params and store[key].shape != params[n].shape]
+        foreign = [n for n, key in stored.items() if n in params and store[key] is not params[n]]
+        # trainable parameters not stored yet are fine while the store holds the flow's own ones
+        missing = sorted(n for n, p in params.items() if foreign and p.requires_grad and n not in stored)
         if missing or unexpected or shapes:
             raise ValueError(f"Pyro's param store holds a flow under {name!r} that does not fit this "
                              f"guide's flow (missing {missing[:3]}, unexpected {unexpected[:3]}, shapes "
@@ -445,13 +448,12 @@ class AutoKRFlow(AutoContinuous):
                              f"(transform, layers, hidden, flow options) and the same model, or "
                              f"pyro.clear_param_store()")
         with torch.no_grad():
-            for n, p in params.items():
-                value = store[stored[n]]
-                if value is not p:
-                    p.copy_(value)
-                    del store[stored[n]]
-                    store[stored[n]] = p  # the store holds the flow's own parameter again
-        return True
+            for n in foreign:
+                key, p = stored[n], params[n]
+                p.copy_(store[key])
+                del store[key]
+                store[key] = p  # the store holds the flow's own parameter again
+        return bool(foreign)
 
     @torch.no_grad()
     def quantiles(self, quantiles: Sequence[float] | Tensor, *args, **kwargs) -> dict[str, Tensor]:
@@ -478,6 +480,17 @@ class AutoKRFlow(AutoContinuous):
 
         Returns:
             ``{site name: tensor of shape (Q, *site shape)}`` (constrained values).
+
+        Example:
+            >>> def model():
+            ...     pyro.sample("s", dist.LogNormal(0.0, 1.0))
+            ...     pyro.sample("m", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> pyro.clear_param_store()
+            >>> guide = AutoKRFlow(model, layers=1, hidden=(8,), warmup=0)
+            >>> _ = guide()  # builds the flow (then train it, e.g. with SVI)
+            >>> q = guide.quantiles([0.05, 0.5, 0.95])
+            >>> q["s"].shape, q["m"].shape, bool(torch.equal(q["m"], guide.quantiles([0.05, 0.5, 0.95])["m"]))
+            (torch.Size([3]), torch.Size([3, 2]), True)
         """
         from krflows.distribution import marginal_quantiles, quasi_reference, sample_quantiles
 

@@ -214,3 +214,15 @@ def test_a_param_store_of_another_flow_fails_loudly(tmp_path):
     with pytest.raises(ValueError, match="param store holds a flow under 'AutoKRFlow.flow' that does not "
                                          "fit this guide's flow .*shapes.*pyro.clear_param_store"):
         other(Y)
+
+
+def test_frozen_parameters_are_not_taken_for_a_foreign_store():
+    guide = AutoKRFlow(normal_model, layers=1, hidden=(8,), warmup=3)
+    guide(Y)
+    pyro.clear_param_store()
+    guide.flow.affine.requires_grad_(False)  # pyro.module registers only the trainable ones
+    with pytest.warns(UserWarning, match="requires_grad=False"):
+        guide(Y)
+    before = state(guide)
+    guide(Y)
+    assert all(torch.equal(before[k], v) for k, v in state(guide).items())
