@@ -89,7 +89,7 @@ for a, (name, T) in zip(ax, (("KR (triangular)", kr), ("Brenier (symmetric)", br
 plt.show()"""),
     ("md", r"""A KR flow trained by reverse KL finds the **KR** map pointwise (the monotone triangular map
 is unique), not Brenier:"""),
-    ("code", r"""flow = krflows.KRFlow(2, transform="spline", layers=2, hidden=(32, 32))
+    ("code", r"""flow = krflows.KRFlow(2, family="spline", layers=2, hidden=(32, 32))
 target = krflows.targets.Gaussian(m.float(), S.float())
 krflows.fit(flow, target, steps=STEPS, batch_size=256, lr=3e-3)
 with torch.no_grad():
@@ -114,7 +114,7 @@ for t in (0.25, 0.5, 0.75):
 (the inverse of `T_t` is found by root finding). On a banana target its intermediate laws are a
 path from the reference to the posterior — e.g. for annealing."""),
     ("code", r"""banana = krflows.targets.Banana(curvature=0.4, scale=2.0)
-bflow = krflows.KRFlow(2, transform="spline", layers=2, hidden=(32, 32))
+bflow = krflows.KRFlow(2, family="spline", layers=2, hidden=(32, 32))
 krflows.fit(bflow, banana, steps=STEPS, batch_size=256, lr=3e-3)
 g0, g1 = torch.linspace(-6.5, 6.5, 70), torch.linspace(-4.5, 8, 70)
 X = torch.cartesian_prod(g0, g1)

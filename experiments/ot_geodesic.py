@@ -75,7 +75,7 @@ def flow_path(name: str, cfg: dict, seed: int) -> dict:
 
     torch.manual_seed(seed)
     target = TARGETS[name]()
-    flow = krflows.KRFlow(2, transform="spline", layers=cfg["layers"], hidden=cfg["hidden"])
+    flow = krflows.KRFlow(2, family="spline", layers=cfg["layers"], hidden=cfg["hidden"])
     start = time.perf_counter()
     krflows.fit(flow, target, steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"],
                 anneal=0.5 if name == "bimodal" else 0.0, log_every=max(cfg["steps"] // 10, 1))

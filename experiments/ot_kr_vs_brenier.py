@@ -82,7 +82,7 @@ def run(cfg: dict, seed: int) -> dict:
 
     # the trained flow (float32, as users train it), with its pointwise distance to both maps
     torch.manual_seed(seed)
-    flow = krflows.KRFlow(2, transform="spline", layers=cfg["layers"], hidden=cfg["hidden"])
+    flow = krflows.KRFlow(2, family="spline", layers=cfg["layers"], hidden=cfg["hidden"])
     target = krflows.targets.Gaussian(mean.float(), cov.float())
     z_eval = torch.randn(cfg["n_eval"], 2, generator=g)
     x_kr, x_br = kr(z_eval.double()), brenier(z_eval.double())

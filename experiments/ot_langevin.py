@@ -91,7 +91,7 @@ def langevin(name: str, sampler: str, h: float, cfg: dict, exact: torch.Tensor, 
 def flow_run(name: str, cfg: dict, exact: torch.Tensor, seed: int) -> dict:
     torch.manual_seed(seed)
     target = TARGETS[name]()
-    flow = krflows.KRFlow(2, transform="spline", layers=2, hidden=(32, 32))
+    flow = krflows.KRFlow(2, family="spline", layers=2, hidden=(32, 32))
     warmup = min(200, cfg["fit_steps"] // 5)
     curve, spent = [], [0.0]
     start = time.perf_counter()

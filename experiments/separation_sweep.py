@@ -135,7 +135,7 @@ def run_one(dim: int, separation: float, weights, capacity: str, tempering: str,
             seed: int, x_star: float) -> dict:
     torch.manual_seed(seed)
     target = (Bimodal1D if dim == 1 else Bimodal2D)(separation, weights)
-    flow = krflows.KRFlow(dim, transform="spline", **CAPACITIES[capacity])
+    flow = krflows.KRFlow(dim, family="spline", **CAPACITIES[capacity])
     start = time.perf_counter()
     krflows.fit(flow, target, steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"],
                 anneal=TEMPERING[tempering], beta0=0.1, log_every=cfg["steps"])

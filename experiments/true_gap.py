@@ -89,7 +89,7 @@ def exact_map(target: GappedMixture1D) -> dict:
 def run_one(gap, capacity: str, objective: str, cfg: dict, seed: int) -> dict:
     torch.manual_seed(seed)
     target = GappedMixture1D(SEPARATION, gap, WEIGHTS)
-    flow = krflows.KRFlow(1, transform="spline", **CAPACITIES[capacity])
+    flow = krflows.KRFlow(1, family="spline", **CAPACITIES[capacity])
     curve = []
 
     def record(step, _):

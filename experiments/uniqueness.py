@@ -38,7 +38,7 @@ SMOKE = {"steps": {"gauss2": 20, "gauss4": 20, "banana": 20}, "batch_size": 64, 
          "n_eval": 2000, "n_jac": 50}
 FLOWS = {  # name -> KRFlow options, and whether to randomize the initial parameters
     "default": ({"layers": 2, "hidden": (32, 32), "bins": 8}, False),
-    "no affine, random init": ({"layers": 3, "hidden": (32, 32), "bins": 8, "affine": False}, True),
+    "no affine, random init": ({"layers": 3, "hidden": (32, 32), "bins": 8, "affine_stage": False}, True),
 }
 BULK = 2.0
 
@@ -135,7 +135,7 @@ def run_one(name: str, flow_name: str, cfg: dict, seed: int) -> tuple[dict, torc
         mean, cov = gaussian_targets()[name]
         target = Gaussian(mean, cov)
     options, random_init = FLOWS[flow_name]
-    flow = krflows.KRFlow(target.dim, transform="spline", **options)
+    flow = krflows.KRFlow(target.dim, family="spline", **options)
     if random_init:
         randomize(flow, seed=seed)
     start = time.perf_counter()
@@ -237,7 +237,7 @@ def write_markdown(path, cfg, rows, smoke, seconds) -> None:
         f"path gradient at lr/2 (from a random start the path gradient diverged: gradient norms "
         f"1e5–1e6 within a few hundred steps). Flows: `default` = "
         f"KRFlow(layers=2, hidden=(32, 32), bins=8) (affine stage starts at the identity); "
-        f"`no affine, random init` = KRFlow(layers=3, hidden=(32, 32), bins=8, affine=False) with "
+        f"`no affine, random init` = KRFlow(layers=3, hidden=(32, 32), bins=8, affine_stage=False) with "
         f"every parameter drawn N(0, 0.3²), so the spline layers alone must find the map. "
         f"Errors are measured at {cfg['n_eval']} reference draws restricted to the bulk ‖z‖ ≤ {BULK:g}, "
         f"as ‖T_flow(z) − T(z)‖ / √tr Σ (the posterior's overall scale); Jacobians at "

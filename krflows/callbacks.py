@@ -7,34 +7,30 @@ r"""Lightning callbacks for :class:`~krflows.lightning.KRFlowModule` runs.
 * :class:`SamplePlots`: every ``every_n_steps`` a TensorBoard image ``samples`` (2-D: flow
   samples over the target's log-density contours; otherwise a pair plot of the first
   coordinates) and a histogram ``log_weights``.
-* :class:`DiagnosticsReport`: when training ends, the bias report
-  (:func:`krflows.diagnose` when available) as TensorBoard text and ``report/*`` scalars,
-  and as ``report.md`` / ``report.json`` in the run directory.
+* :class:`DiagnosticsReport`: when training ends, the bias report (:func:`krflows.diagnose`,
+  under the module's NaN policy) as TensorBoard text and ``report/*`` scalars (the keys of
+  :meth:`krflows.diagnostics.Report.scalars`), and as ``report.md`` / ``report.json`` in the
+  run directory.
 * :class:`RunCheckpoint`: a ``ModelCheckpoint`` that also writes ``last.ckpt`` at the end.
 
-The diagnostics themselves are the pure functions of :mod:`krflows.diagnostics`.
+The diagnostics themselves are the pure functions of :mod:`krflows.diagnostics`; the figures
+are :mod:`krflows.plot`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-from collections.abc import Iterator, Mapping
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import Tensor
 
-from krflows import diagnostics
-from krflows.diagnostics import ess, log_z_estimate, pareto_k
-from krflows.objectives import evaluate_target
+from krflows.diagnostics import diagnose, ess, log_z_estimate, pareto_k
+from krflows.importance import log_weights
+from krflows.plot import plot_samples
 
-__all__ = ["TrainingMetrics", "SamplePlots", "DiagnosticsReport", "RunCheckpoint", "bias_report",
-           "plot_samples"]
+__all__ = ["TrainingMetrics", "SamplePlots", "DiagnosticsReport", "RunCheckpoint"]
 
 
 def _logging_step(trainer: L.Trainer, ahead: int = 0) -> bool:
@@ -116,9 +112,9 @@ class SamplePlots(Callback):
         self._last_step = step = _step(trainer)
         with torch.no_grad():
             x, log_q = pl_module.flow.rsample_and_log_prob((self.n_samples,))
-            log_w = pl_module.target(x) - log_q
+            weights = log_weights(pl_module.target, x, log_q, pl_module.hparams.nan)
         writer.add_image("samples", plot_samples(x, pl_module.target, self.pairs), step, dataformats="HWC")
-        log_w = log_w[torch.isfinite(log_w)]
+        log_w = weights.log_w[weights.valid & weights.finite]
         if log_w.numel():
             writer.add_histogram("log_weights", log_w.float().cpu(), step)
 
@@ -147,7 +143,8 @@ class DiagnosticsReport(Callback):
         dirpath = self.dirpath or trainer.log_dir  # trainer.log_dir is a collective under DDP
         if not trainer.is_global_zero or trainer.fast_dev_run:
             return
-        self.report = report = bias_report(pl_module.flow, pl_module.target, self.n_samples)
+        self.report = report = diagnose(pl_module.flow, pl_module.target, n=self.n_samples,
+                                        nan=pl_module.hparams.nan)
         step = _step(trainer)
         scalars = {f"report/{k}": float(v) for k, v in report.scalars().items()}
         for logger in trainer.loggers:
@@ -177,195 +174,3 @@ class RunCheckpoint(ModelCheckpoint):
             path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
             trainer.save_checkpoint(path, weights_only=False)
             self.last_model_path = path
-
-
-# ---- the report ---------------------------------------------------------------------------
-
-def bias_report(flow, target, n: int = 20000) -> Mapping:
-    """The bias report of ``flow`` against ``target``: :func:`krflows.diagnose` when the
-    package has it, else :class:`BasicReport` (ELBO, log Z ± s.e., ESS/N, k̂, mode weights).
-    """
-    diagnose = getattr(diagnostics, "diagnose", None)
-    if diagnose is not None:
-        return diagnose(flow, target, n=n)
-    return BasicReport.of(flow, target, n)
-
-
-class BasicReport(Mapping):
-    """A minimal bias report with the interface (and key names) of :func:`krflows.diagnose`.
-
-    Keys: ``n``, ``n_dropped``, ``elbo``, ``log_z``, ``log_z_se``, ``ess``, ``pareto_k``,
-    ``verdict``, and where the target knows them ``true_log_z``, ``mode_weights`` (flow
-    frequencies via ``target.assign``) and ``true_mode_weights``.
-    """
-
-    def __init__(self, values: dict):
-        self._values = values
-
-    @classmethod
-    @torch.no_grad()
-    def of(cls, flow, target, n: int) -> BasicReport:
-        x, log_q = flow.rsample_and_log_prob((n,))
-        log_p, ok = evaluate_target(target, x)
-        log_w = (log_p - log_q)[ok].double()
-        v: dict = {"n": int(ok.sum()), "n_dropped": n - int(ok.sum()), "elbo": math.nan, "log_z": math.nan,
-                   "log_z_se": math.nan, "ess": math.nan, "pareto_k": math.nan}
-        if log_w.numel():
-            log_z, se = log_z_estimate(log_w)
-            v.update(elbo=float(log_w.mean()), log_z=float(log_z), log_z_se=float(se),
-                     ess=float(ess(log_w)), pareto_k=pareto_k(log_w))
-        if getattr(target, "log_z", None) is not None:
-            v["true_log_z"] = float(target.log_z)
-        weights = getattr(target, "weights", None)
-        if isinstance(weights, Tensor) and hasattr(target, "assign") and weights.numel() <= 64 and v["n"]:
-            counts = torch.bincount(target.assign(x[ok]).reshape(-1).cpu(), minlength=weights.numel())
-            v["mode_weights"] = (counts / counts.sum()).tolist()
-            v["true_mode_weights"] = weights.double().cpu().tolist()
-        k = v["pareto_k"]
-        v["verdict"] = ("good" if k < 0.5 and v["ess"] > 0.5 else "usable" if k < 0.7
-                        else "unreliable (k̂ > 0.7 or undefined)")
-        return cls(v)
-
-    def __getitem__(self, key: str):
-        return self._values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def scalars(self) -> dict[str, float]:
-        """Flat numbers for logging; the mode weights as ``mode_weight/{k}``, ``true_mode_weight/{k}``."""
-        out = {k: float(v) for k, v in self._values.items() if isinstance(v, int | float)}
-        for key, name in (("mode_weights", "mode_weight"), ("true_mode_weights", "true_mode_weight")):
-            out.update({f"{name}/{i}": float(w) for i, w in enumerate(self._values.get(key, []))})
-        return out
-
-    def _rows(self) -> list[tuple[str, str]]:
-        v = self._values
-        rows = [("ELBO", f"{v['elbo']:.4g}"), ("log Z (IS)", f"{v['log_z']:.4g} ± {v['log_z_se']:.2g}")]
-        if "true_log_z" in v:
-            rows.append(("log Z (exact)", f"{v['true_log_z']:.4g}"))
-        rows += [("ESS / N", f"{v['ess']:.4g}"), ("Pareto k̂", f"{v['pareto_k']:.3g}"),
-                 ("dropped samples", f"{v['n_dropped']} of {v['n'] + v['n_dropped']}")]
-        for key, label in (("mode_weights", "mode weights, flow"),
-                           ("true_mode_weights", "mode weights, target")):
-            if key in v:
-                rows.append((label, "[" + ", ".join(f"{w:.4g}" for w in v[key]) + "]"))
-        return rows
-
-    def to_text(self) -> str:
-        lines = ["krflows basic report", f"verdict: {self._values['verdict']}"]
-        return "\n".join(lines + [f"  {k:<22} {v}" for k, v in self._rows()]) + "\n"
-
-    def to_markdown(self) -> str:
-        lines = [f"**Verdict:** {self._values['verdict']}", "", "| quantity | value |", "|---|---|"]
-        return "\n".join(lines + [f"| {k} | {v} |" for k, v in self._rows()]) + "\n"
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self._values, **kwargs)
-
-
-# ---- the sample image ---------------------------------------------------------------------
-
-def plot_samples(x: Tensor, target, pairs: int = 4) -> np.ndarray:
-    """An RGB image ``(H, W, 3)`` of flow samples ``x`` ``(n, d)`` against the target.
-
-    ``d = 1``: a histogram over the normalized target density; ``d = 2``: a scatter over
-    the contours of ``log p``; ``d > 2``: a pair plot of the first ``pairs`` coordinates
-    (the target's exact samples in the upper triangle and on the diagonal when it has a
-    sampler). Drawn with matplotlib's Agg canvas (no display needed).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    d = x.shape[-1]
-    k = 1 if d <= 2 else min(d, pairs)
-    fig = Figure(figsize=(4.5, 4) if k == 1 else (2.2 * k, 2.2 * k), dpi=90)
-    canvas = FigureCanvasAgg(fig)
-    if d <= 2:
-        _density_panel(fig.add_subplot(), x, target)
-    else:
-        _pair_plot(fig, x, target, k)
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def _grid_log_prob(target, points: Tensor, like: Tensor) -> np.ndarray:
-    with torch.no_grad():
-        lp = target(points.to(like)).double().cpu()
-    lp = torch.where(torch.isfinite(lp), lp, torch.tensor(math.nan, dtype=lp.dtype))
-    return lp.numpy()
-
-
-def _limits(x: Tensor, target) -> tuple[Tensor, Tensor]:
-    lo, hi = torch.quantile(x, 0.005, dim=0), torch.quantile(x, 0.995, dim=0)
-    modes = getattr(target, "modes", None)
-    if isinstance(modes, Tensor) and modes.shape[-1] == x.shape[-1] and modes.shape[0] <= 64:
-        modes = modes.double().cpu()
-        lo, hi = torch.minimum(lo, modes.min(0).values), torch.maximum(hi, modes.max(0).values)
-    pad = 0.15 * (hi - lo) + 0.5
-    return lo - pad, hi + pad
-
-
-def _density_panel(ax, x: Tensor, target) -> None:
-    xs = x.detach().double().cpu()
-    lo, hi = _limits(xs, target)
-    if xs.shape[-1] == 1:
-        grid = torch.linspace(float(lo[0]), float(hi[0]), 400, dtype=torch.float64)
-        lp = _grid_log_prob(target, grid[:, None], x)
-        p = np.exp(lp - np.nanmax(lp))
-        p = p / (np.nansum(p) * float(grid[1] - grid[0]))
-        ax.hist(xs[:, 0].numpy(), bins=80, density=True, alpha=0.5, color="C3", label="flow")
-        ax.plot(grid.numpy(), p, color="k", lw=1, label="target")
-        ax.legend(loc="upper right", fontsize=7)
-        ax.set_xlabel("x_0")
-        return
-    g0 = torch.linspace(float(lo[0]), float(hi[0]), 120, dtype=torch.float64)
-    g1 = torch.linspace(float(lo[1]), float(hi[1]), 120, dtype=torch.float64)
-    grid = torch.stack(torch.meshgrid(g0, g1, indexing="xy"), -1)
-    lp = _grid_log_prob(target, grid, x)
-    lp = lp - np.nanmax(lp)
-    ax.contour(g0.numpy(), g1.numpy(), lp, levels=np.linspace(-12.0, 0.0, 13), cmap="viridis",
-               linewidths=0.8)
-    ax.scatter(xs[:, 0].numpy(), xs[:, 1].numpy(), s=3, alpha=0.35, color="C3", linewidths=0)
-    ax.set(xlim=(float(lo[0]), float(hi[0])), ylim=(float(lo[1]), float(hi[1])), xlabel="x_0", ylabel="x_1",
-           title="flow samples over log p contours")
-
-
-def _pair_plot(fig, x: Tensor, target, k: int) -> None:
-    xs = x.detach().double().cpu()[:, :k].numpy()
-    truth = None
-    if getattr(target, "has_sampler", False):
-        try:
-            truth = target.sample((xs.shape[0],)).double().cpu()[:, :k].numpy()
-        except (NotImplementedError, ValueError):
-            truth = None
-    both = xs if truth is None else np.concatenate([xs, truth])
-    lo, hi = np.quantile(both, 0.005, axis=0), np.quantile(both, 0.995, axis=0)
-    lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)  # shared limits per coordinate
-    axes = fig.subplots(k, k, squeeze=False)
-    for i in range(k):
-        for j in range(k):
-            ax = axes[i, j]
-            if i == j:
-                bins = np.linspace(lo[i], hi[i], 50)
-                ax.hist(xs[:, i], bins=bins, density=True, alpha=0.5, color="C3")
-                if truth is not None:
-                    ax.hist(truth[:, i], bins=bins, density=True, histtype="step", color="k")
-            elif i > j or truth is not None:
-                pts = xs if i > j else truth
-                ax.scatter(pts[:, j], pts[:, i], s=1, alpha=0.3, color="C3" if i > j else "k", linewidths=0)
-                ax.set_ylim(lo[i], hi[i])
-            else:
-                ax.axis("off")
-            ax.set_xlim(lo[j], hi[j])
-            ax.tick_params(labelsize=6)
-            if i == k - 1:
-                ax.set_xlabel(f"x_{j}", fontsize=7)
-            if j == 0:
-                ax.set_ylabel(f"x_{i}", fontsize=7)
-    fig.suptitle("flow (red, lower) vs target (black, upper)" if truth is not None else "flow samples",
-                 fontsize=8)

@@ -34,7 +34,7 @@ _NAME_ENV = "KRFLOWS_RUN_NAME"  # hands the run name to the DDP worker processes
 DEFAULTS = {
     "model.target": "bimodal2d",
     "model.target_options": {"separation": 7.0, "weights": [0.3, 0.7]},
-    "model.transform": "spline",
+    "model.family": "spline",
     "model.layers": 2,
     "model.hidden": [32, 32],
     "model.batch_size": 256,
@@ -67,7 +67,8 @@ Common options:
   --model.target NAME               a registered target (list below)
   --model.target_options '{{...}}'    e.g. '{{separation: 8.0, weights: [0.5, 0.5]}}' or '{{dim: 8}}'
                                     (the default options go with the default target only)
-  --model.transform FAMILY          spline | affine | bernstein | integrated
+  --model.family FAMILY             spline | affine | bernstein | integrated
+  --model.nan error|zero            a NaN target log density: an error (default) or zero density
   --model.layers N --model.hidden '[64, 64]'
   --model.anneal F --model.lr F --model.batch_size N --model.seed N
   --trainer.max_steps N             run length (steps)
@@ -151,23 +152,8 @@ class KRFlowCLI(LightningCLI):
 
 
 def _summary(report) -> list[str]:
-    """The headline numbers of a bias report (:func:`krflows.diagnose`'s keys), one per line."""
-    def num(key: str, fmt: str = ".4g") -> str:
-        value = report.get(key)
-        return "n/a" if value is None else format(value, fmt)
-
-    lines = [f"verdict      {report.get('verdict', '')}",
-             f"ELBO         {num('elbo')}",
-             f"log Z        {num('log_z')} ± {num('log_z_se', '.2g')} (importance sampling)"
-             + (f", exact {num('true_log_z')}" if "true_log_z" in report else ""),
-             f"ESS/N        {num('ess', '.3f')}",
-             f"Pareto k̂     {num('pareto_k', '.3f')}"]
-    if "mode_weights" in report and len(report["mode_weights"]) <= 16:
-        def fmt(ws) -> str:
-            return ", ".join(f"{w:.3f}" for w in ws)
-        lines.append(f"mode weights {fmt(report['mode_weights'])} (flow) vs "
-                     f"{fmt(report.get('true_mode_weights', []))} (truth)")
-    return lines
+    """The headline numbers of a bias report (:meth:`krflows.diagnostics.Report.headline`)."""
+    return report.headline()
 
 
 def main(args: list[str] | None = None) -> None:

@@ -33,7 +33,7 @@ from pyro.distributions.torch_distribution import TorchDistributionMixin
 from torch import Tensor
 from torch.distributions import TransformedDistribution, constraints
 
-__all__ = ["FlowDistribution", "quasi_reference", "sample_quantiles", "marginal_quantiles"]
+__all__ = ["FlowDistribution", "quasi_reference", "sample_quantiles", "marginal_quantiles", "check_levels"]
 
 
 class FlowDistribution(TransformedDistribution, TorchDistributionMixin):
@@ -131,8 +131,9 @@ def quasi_reference(n: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.
     return z.to(dtype=dtype, device=device)
 
 
-def _check_levels(q, like: Tensor) -> Tensor:
-    q = torch.as_tensor(q, dtype=like.dtype, device=like.device).reshape(-1)
+def check_levels(q, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Quantile levels as a tensor ``(Q,)``; ``ValueError`` unless all lie strictly in ``(0, 1)``."""
+    q = torch.as_tensor(q, dtype=dtype, device=device).reshape(-1)
     if q.numel() == 0 or not bool(((q > 0) & (q < 1)).all()):
         raise ValueError(f"quantile levels must lie strictly between 0 and 1, got {q.tolist()}")
     return q
@@ -173,18 +174,17 @@ def marginal_quantiles(flow, q: Sequence[float] | Tensor, samples: Tensor | None
 
     Example:
         >>> import krflows
-        >>> flow = krflows.KRFlow(2, transform="affine", layers=0).double()
+        >>> flow = krflows.KRFlow(2, family="affine", layers=0).double()
         >>> flow.affine.initialize(torch.tensor([1.0, 0.0]), torch.tensor([[4.0, 0.0], [0.0, 1.0]]))
         >>> marginal_quantiles(flow, [0.5, 0.975])[:, 0]  # exact: 1 + 2 * (0, 1.95996)
         tensor([1.0000, 4.9199], dtype=torch.float64)
     """
-    ref = flow.base.mean
-    q = _check_levels(q, ref)
+    q = check_levels(q, flow.dtype, flow.device)
     first = 0 if flow.order is None else int(flow.order[0])
     if samples is None:
-        samples = flow(quasi_reference(n, flow.dim, seed, ref.dtype, ref.device))
+        samples = flow(quasi_reference(n, flow.dim, seed, flow.dtype, flow.device))
     out = sample_quantiles(samples, q)
-    z = torch.zeros(q.shape[0], flow.dim, dtype=ref.dtype, device=ref.device)
+    z = torch.zeros(q.shape[0], flow.dim, dtype=flow.dtype, device=flow.device)
     z[:, 0] = torch.special.ndtri(q)
     out[:, first] = flow(z)[:, first]
     return out

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from krflows._checks import check_points
+from krflows._checks import check_gaussian, check_points
 from krflows.transforms.base import TriangularTransform
 from krflows.transforms.linear import AffineMatrixTransform, LowerAffineTransform
 
@@ -35,26 +35,6 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 # ---------------------------------------------------------------------------------------------
 # Gaussian targets
-
-
-def _mean_cov(mean, cov) -> tuple[Tensor, Tensor]:
-    mean, cov = torch.as_tensor(mean), torch.as_tensor(cov)
-    dtype = torch.promote_types(mean.dtype, cov.dtype)
-    if not dtype.is_floating_point:
-        dtype = torch.get_default_dtype()
-    mean, cov = mean.to(dtype), cov.to(device=mean.device, dtype=dtype)
-    if mean.dim() != 1:
-        raise ValueError(f"mean must have shape (d,), got {tuple(mean.shape)}")
-    d = mean.shape[0]
-    if cov.shape != (d, d):
-        raise ValueError(f"cov must have shape ({d}, {d}), got {tuple(cov.shape)}")
-    if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
-        raise ValueError("mean and cov must be finite")
-    tol = 1e3 * torch.finfo(dtype).eps * cov.abs().max()
-    if (cov - cov.mT).abs().max() > tol:
-        raise ValueError("cov must be symmetric")
-    cov = 0.5 * (cov + cov.mT)  # remove rounding asymmetry before factorizing
-    return mean, cov
 
 
 def gaussian_kr_map(mean, cov) -> LowerAffineTransform:
@@ -74,7 +54,7 @@ def gaussian_kr_map(mean, cov) -> LowerAffineTransform:
         tensor([[2., 0.],
                 [1., 1.]])
     """
-    mean, cov = _mean_cov(mean, cov)
+    mean, cov = check_gaussian(mean, cov, batched=False, psd=False)
     tril, info = torch.linalg.cholesky_ex(cov)
     if info != 0:
         raise ValueError("cov must be positive definite (its Cholesky factorization failed)")
@@ -98,7 +78,7 @@ def gaussian_brenier_map(mean, cov) -> AffineMatrixTransform:
         >>> T(torch.ones(2))
         tensor([1.4142, 3.0000])
     """
-    mean, cov = _mean_cov(mean, cov)
+    mean, cov = check_gaussian(mean, cov, batched=False, psd=False)
     eigval, eigvec = torch.linalg.eigh(cov)
     if eigval.min() <= 0:
         raise ValueError("cov must be positive definite (it has an eigenvalue <= 0)")

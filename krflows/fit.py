@@ -10,52 +10,30 @@ Two phases:
    of the target :math:`p^{\beta}`, ``β`` rising linearly from ``beta0`` to 1 over the
    first ``anneal`` fraction of the steps (mode coverage).
 
-Samples where the target's log density is NaN/inf are dropped and counted; a batch with
-no finite value raises :class:`~krflows.objectives.NonFiniteTargetError` before any
-parameter changes; a step whose gradient is not finite is skipped (and counted), so the
-parameters never become NaN.
+Samples where the target's log density is ``-inf`` (zero density) are dropped and counted;
+a NaN is an error unless ``nan="zero"`` reads it as zero density (:mod:`krflows.importance`);
+a batch with no finite value raises :class:`~krflows.objectives.NonFiniteTargetError` before
+any parameter changes; a step whose gradient is not finite is skipped (and counted), so the
+parameters never become NaN. The warm-up, optimizer, schedule and gradient policy are those
+of :mod:`krflows.train`, shared with the Lightning module.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from krflows.diagnostics import ess
+from krflows.diagnostics.weights import ess
+from krflows.importance import check_nan_policy, log_weights
 from krflows.objectives import forward_kl, reverse_kl
 from krflows.targets import as_target
+from krflows.train import adam, adam_cosine, default_warmup, finite_grads, temperature, warm_up, warn_dropped
 
 __all__ = ["fit", "temperature", "warm_up", "adam"]
-
-
-def temperature(step: int, steps: int, anneal: float, beta0: float) -> float:
-    """``β`` at ``step``: linear from ``beta0`` to 1 over the first ``anneal * steps`` steps."""
-    if anneal <= 0:
-        return 1.0
-    return min(1.0, beta0 + (1 - beta0) * step / max(1.0, anneal * steps))
-
-
-def warm_up(flow, target, steps: int = 200, batch_size: int = 256, lr: float = 5e-2,
-            beta: float = 1.0) -> list[float]:
-    """Gaussian VI of the affine stage alone (reverse KL); returns the losses."""
-    if flow.affine is None or steps <= 0:
-        return []
-    opt = adam(list(flow.affine.parameters()), lr=lr)
-    losses = []
-    for _ in range(steps):
-        batch = reverse_kl(flow, target, batch_size, beta=beta)
-        opt.zero_grad(set_to_none=True)
-        batch.loss.backward()
-        if _finite_grads(flow.affine.parameters()):
-            torch.nn.utils.clip_grad_norm_(flow.affine.parameters(), 10.0)
-            opt.step()
-        losses.append(batch.loss.item())
-    return losses
 
 
 def fit(
@@ -76,6 +54,7 @@ def fit(
     log_every: int = 10,
     callback: Callable[[int, dict], None] | None = None,
     progress: bool = False,
+    nan: str = "error",
 ) -> dict[str, list[float]]:
     r"""Fits ``flow`` to an unnormalized target; returns the history.
 
@@ -95,6 +74,9 @@ def fit(
         log_every: record the history every this many steps.
         callback: called as ``callback(step, record)`` at each record.
         progress: print a progress line at each record.
+        nan: what a NaN log density of the target means: ``"error"`` (default) raises
+            :class:`~krflows.objectives.NonFiniteTargetError`; ``"zero"`` reads it as zero
+            density (``-inf``: the sample is dropped and counted, like any ``-inf``).
 
     Returns:
         a dict of lists: ``step, loss, elbo, ess, grad_norm, lr, beta, dropped, seconds``
@@ -113,40 +95,34 @@ def fit(
         raise ValueError(f"objective must be 'reverse_kl' or 'forward_kl', got {objective!r}")
     if objective == "forward_kl" and samples is None:
         raise ValueError("objective='forward_kl' needs target samples: fit(..., samples=x)")
+    check_nan_policy(nan)
     target = as_target(target, dim=flow.dim)
     if target.dim != flow.dim:
         raise ValueError(f"the target has dim {target.dim} but the flow has dim {flow.dim}")
     history: dict[str, list[float]] = {k: [] for k in (
         "step", "loss", "elbo", "ess", "grad_norm", "lr", "beta", "dropped", "seconds")}
-    warmup = min(200, steps // 5) if warmup is None else warmup
+    warmup = default_warmup(steps) if warmup is None else warmup
     if objective == "reverse_kl":
         history["warmup_loss"] = warm_up(flow, target, warmup, batch_size,
-                                         beta=temperature(0, steps, anneal, beta0))
+                                         beta=temperature(0, steps, anneal, beta0), nan=nan)
     elif flow.affine is not None and warmup > 0:
         # forward KL: the affine stage starts at the samples' moments (exact for a Gaussian)
         flow.affine.initialize(samples.mean(0), torch.cov(samples.T).reshape(flow.dim, flow.dim))
     params = [p for p in flow.parameters() if p.requires_grad]
-    opt = adam(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr / 20)
+    opt, sched = adam_cosine(params, lr, steps, weight_decay)
     start, dropped, skipped, warned = time.perf_counter(), 0, 0, False
     for step in range(1, steps + 1):
         beta = temperature(step, steps, anneal, beta0)
         if objective == "reverse_kl":
-            batch = reverse_kl(flow, target, batch_size, beta=beta, path_gradient=path_gradient)
+            batch = reverse_kl(flow, target, batch_size, beta=beta, path_gradient=path_gradient, nan=nan)
             loss, log_w, dropped = batch.loss, batch.log_w, dropped + batch.dropped
-            if batch.dropped > 0.05 * batch.n and not warned:
-                warned = True
-                warnings.warn(
-                    f"{batch.dropped} of {batch.n} flow samples at step {step} had a non-finite target "
-                    "log density and were dropped. Where that means zero density (log p = -inf), "
-                    "dropping rewards the flow for leaking mass there (the kept samples' loss "
-                    "decreases); prefer a steep but finite log density (a barrier).", stacklevel=2)
+            warned = warn_dropped(batch, step, warned)
         else:
             idx = torch.randint(0, samples.shape[0], (batch_size,), device=samples.device)
             loss, log_w = forward_kl(flow, samples[idx]), None
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if _finite_grads(params):
+        if finite_grads(params):
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             opt.step()
         else:
@@ -155,9 +131,8 @@ def fit(
         if step % log_every == 0 or step == steps:
             if log_w is None:
                 with torch.no_grad():
-                    x, log_q = flow.rsample_and_log_prob((batch_size,))
-                    log_w = (target(x) - log_q)
-                    log_w = log_w[torch.isfinite(log_w)]
+                    weights = log_weights(target, *flow.rsample_and_log_prob((batch_size,)), nan=nan)
+                    log_w = weights.log_w[weights.finite & weights.valid]
             record = {
                 "step": step, "loss": loss.item(), "elbo": float(log_w.mean()),
                 "ess": float(ess(log_w)), "grad_norm": grad_norm,
@@ -175,12 +150,3 @@ def fit(
     history["skipped_steps"] = [skipped]
     return history
 
-
-def adam(params: list[Tensor], **kwargs) -> torch.optim.Adam:
-    """Adam, fused into one kernel per step where torch supports it (CPU and CUDA floats)."""
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, fused=fused, **kwargs)
-
-
-def _finite_grads(params) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)

@@ -18,12 +18,13 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.distributions import ComposeTransform, Independent, Normal, Transform
+from torch.distributions import ComposeTransform, Independent, Normal, Transform, TransformedDistribution
 
-from krflows._checks import check_points
+from krflows._checks import check_points, renamed_keyword
 from krflows.nn import MaskedMLP
 from krflows.transforms.autoregressive import AutoregressiveTransform
 from krflows.transforms.base import ComposeTriangular, Permutation, TriangularTransform
+from krflows.transforms.interpolate import Interpolated
 from krflows.transforms.linear import LowerAffineTransform
 from krflows.transforms.monotone import FAMILIES, MonotoneFamily
 
@@ -47,7 +48,8 @@ class LowerAffine(nn.Module):
     def tril(self) -> Tensor:
         return self.lower * self.strict + torch.diag(torch.exp(self.log_diag))
 
-    def transform(self) -> LowerAffineTransform:
+    def as_transform(self) -> LowerAffineTransform:
+        """The current map ``y -> m + L y`` as a :class:`~krflows.transforms.LowerAffineTransform`."""
         return LowerAffineTransform(self.shift, self.tril())
 
     @torch.no_grad()
@@ -64,19 +66,24 @@ class KRFlow(nn.Module):
 
     Arguments:
         dim: the dimension ``d``.
-        transform: the monotone 1-D family, ``"spline"`` (rational-quadratic, analytic
+        family: the monotone 1-D family, ``"spline"`` (rational-quadratic, analytic
             inverse), ``"affine"``, ``"bernstein"`` or ``"integrated"`` (root-finding
-            inverse), or a :class:`~krflows.transforms.monotone.MonotoneFamily`.
+            inverse), or a :class:`~krflows.transforms.monotone.MonotoneFamily`. (Formerly
+            ``transform=``, still accepted with a ``DeprecationWarning``: :attr:`transform`
+            is the map.)
         layers: number of autoregressive layers (all in the same variable order).
         hidden: hidden widths of each layer's masked conditioner.
         order: optional permutation of ``range(d)``: the triangular map's coordinate ``i``
             is the user's coordinate ``order[i]``. Applied once, outside the map.
-        affine: whether to end with the learnable lower-triangular affine stage.
+        affine_stage: whether to end with the learnable lower-triangular affine stage
+            :attr:`affine` (formerly ``affine=``, still accepted with a ``DeprecationWarning``;
+            ``affine`` alone is ambiguous with the spline family's own option and the
+            ``"affine"`` family).
         compile: compile the hot paths with :func:`torch.compile` (see :meth:`compile`).
         family_options: passed to the family, e.g. ``bins=8, bound=5.0``.
 
     Example:
-        >>> flow = KRFlow(3, transform="spline", layers=2, hidden=(16,))
+        >>> flow = KRFlow(3, family="spline", layers=2, hidden=(16,))
         >>> x, log_q = flow.rsample_and_log_prob((5,))
         >>> x.shape, log_q.shape
         (torch.Size([5, 3]), torch.Size([5]))
@@ -84,22 +91,22 @@ class KRFlow(nn.Module):
         True
     """
 
-    def __init__(self, dim: int, transform: str | MonotoneFamily = "spline", layers: int = 4,
+    def __init__(self, dim: int, family: str | MonotoneFamily = "spline", layers: int = 4,
                  hidden: Sequence[int] = (64, 64), order: Sequence[int] | None = None,
-                 affine: bool = True, compile: bool = False, **family_options):
+                 affine_stage: bool = True, compile: bool = False, **family_options):
         super().__init__()
+        family = renamed_keyword(family_options, "transform", "family", family, "spline")
+        affine_stage = renamed_keyword(family_options, "affine", "affine_stage", affine_stage, True)
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if isinstance(transform, str):
-            if transform not in FAMILIES:
-                raise ValueError(f"transform must be one of {sorted(FAMILIES)}, got {transform!r}")
-            family = FAMILIES[transform](**family_options)
-        else:
-            family = transform
+        if isinstance(family, str):
+            if family not in FAMILIES:
+                raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+            family = FAMILIES[family](**family_options)
         self.dim, self.family = dim, family
         self.conditioners = nn.ModuleList(
             MaskedMLP(dim, family.n_params, tuple(hidden)) for _ in range(layers))
-        self.affine = LowerAffine(dim) if affine else None
+        self.affine = LowerAffine(dim) if affine_stage else None
         if order is not None:
             order = torch.as_tensor(order, dtype=torch.long)
             if sorted(order.tolist()) != list(range(dim)):
@@ -119,27 +126,39 @@ class KRFlow(nn.Module):
         parts: list[TriangularTransform] = [
             AutoregressiveTransform(net, self.family, self.dim) for net in self.conditioners]
         if self.affine is not None:
-            parts.append(self.affine.transform())
+            parts.append(self.affine.as_transform())
         return ComposeTriangular(parts)
 
     @property
     def transform(self) -> Transform:
         """The map ``z -> x`` as a :class:`torch.distributions.Transform` (lower triangular
         in the variable order ``order``)."""
-        if self.order is None:
-            return self.triangular
-        return ComposeTransform([self.triangular, Permutation(self.order)])
+        return self._in_user_order(self.triangular)
 
     @property
     def base(self) -> Independent:
         """The reference ``N(0, I_d)`` on the flow's device and dtype."""
         return Independent(Normal(self._ref, torch.ones_like(self._ref)), 1)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the flow's parameters (and its reference) live."""
+        return self._ref.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the flow's parameters, samples and densities."""
+        return self._ref.dtype
+
+    def _in_user_order(self, triangular: Transform) -> Transform:
+        """A map ``z -> y`` in the flow's variable order, followed by the user's ``order``."""
+        return triangular if self.order is None else ComposeTransform([triangular, Permutation(self.order)])
+
     def _to_flow_order(self, x: Tensor) -> Tensor:
-        return x if self.order is None else x[..., self.order]
+        return x if self.order is None else Permutation(self.order).inv(x)
 
     def _to_user_order(self, y: Tensor) -> Tensor:
-        return y if self.order is None else y[..., torch.argsort(self.order)]
+        return y if self.order is None else Permutation(self.order)(y)
 
     def forward(self, z: Tensor | None = None) -> Tensor | torch.distributions.Distribution:
         """``x = T(z)``; without ``z``, the flow's law as a torch and Pyro distribution
@@ -177,17 +196,17 @@ class KRFlow(nn.Module):
             self._compiled["pull"] = torch.compile(self._pull, **options)
         return self
 
-    def _push(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``y = T(z)`` (flow order) and ``log q(y)``: the sampling hot path."""
+    def _push(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``y = T(z)`` (flow order), ``log q(y)`` and ``log dT_k/dz_k``: the sampling hot path."""
         y, log_diag = self.triangular.call_and_log_diag(z)
-        return y, self.base.log_prob(z) - log_diag.sum(-1)
+        return y, self.base.log_prob(z) - log_diag.sum(-1), log_diag
 
     def _pull(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``z = T^{-1}(y)`` (flow order) and ``log q(y)``: the density hot path."""
         z, log_diag = self.triangular.inverse_and_log_diag(y)
         return z, self.base.log_prob(z) - log_diag.sum(-1)
 
-    def _run(self, name: str, eager: Callable, arg: Tensor) -> tuple[Tensor, Tensor]:
+    def _run(self, name: str, eager: Callable, arg: Tensor) -> tuple[Tensor, ...]:
         fn = self._compiled.get(name)
         if fn is None:
             return eager(arg)
@@ -214,10 +233,33 @@ class KRFlow(nn.Module):
 
     # ---- distribution interface -----------------------------------------------------------
 
+    def push(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Pushes reference points ``z -> x = T(z)`` in one pass, with the density and slopes.
+
+        .. math:: \log q(x) = \log \mathcal N(z; 0, I) - \sum_k \log \partial T_k / \partial z_k .
+
+        Arguments:
+            z: reference points, shape ``(*, d)``.
+
+        Returns:
+            ``x`` ``(*, d)`` (user order), ``log q(x)`` ``(*)`` (the reference's log density
+            included) and the log-slopes :math:`\log \partial T_k / \partial z_k` ``(*, d)``
+            (flow order). Differentiable (reparametrized).
+
+        Example:
+            >>> flow = KRFlow(2, layers=1, hidden=(8,))
+            >>> x, log_q, log_diag = flow.push(torch.zeros(4, 2))
+            >>> bool(torch.allclose(log_q, flow.log_prob(x), atol=1e-4)), log_diag.shape
+            (True, torch.Size([4, 2]))
+        """
+        z = check_points(z, self.dim, self._ref, "z")
+        y, log_q, log_diag = self._run("push", self._push, z)
+        return self._to_user_order(y), log_q, log_diag
+
     def rsample_and_log_prob(self, shape: Sequence[int] | int = ()) -> tuple[Tensor, Tensor]:
         """Reparametrized samples ``x`` of shape ``(*shape, d)`` and ``log q(x)``, in one pass."""
         z = self.base.rsample(_size(shape))
-        y, log_q = self._run("push", self._push, z)
+        y, log_q, _ = self._run("push", self._push, z)
         return self._to_user_order(y), log_q
 
     def rsample(self, shape: Sequence[int] | int = ()) -> Tensor:
@@ -297,17 +339,20 @@ class KRFlow(nn.Module):
         terms = Normal(0.0, 1.0).log_prob(z) - log_diag
         return terms[..., k:].sum(-1)
 
-    def interpolate(self, t: float):
-        r"""The displacement interpolation ``T_t = (1 - t) Id + t T`` pushed from the reference.
+    def interpolate(self, t: float) -> TransformedDistribution:
+        r"""The law :math:`(T_t)_\# N(0, I)` of the interpolated map ``z -> x``, ``T_t = (1-t) Id + t T``.
 
-        Monotone triangular for every ``t`` in ``[0, 1]``, so it has an exact density and
-        inverse: intermediate distributions for annealing, SMC and plots. See
-        :func:`krflows.ot.interpolate` (the W2 geodesic only when ``T`` is a Brenier map,
-        which a KR map is not in general).
+        ``T`` is :attr:`triangular` (flow order); the variable ``order``, if any, is applied
+        after it, as in :attr:`transform`. Monotone triangular for every ``t`` in ``[0, 1]``
+        (:class:`~krflows.transforms.Interpolated`), so it has an exact density and inverse
+        (by root finding): intermediate distributions for annealing, SMC and plots. ``t = 0``
+        gives the reference (permuted), ``t = 1`` the flow's own law. The W2 geodesic only
+        when ``T`` is a Brenier map, which a KR map is not in general.
+
+        Returns:
+            a :class:`torch.distributions.TransformedDistribution` (event shape ``(d,)``).
         """
-        from krflows.ot import interpolate
-
-        return interpolate(self, t)
+        return TransformedDistribution(self.base, self._in_user_order(Interpolated(self.triangular, t)))
 
     def extra_repr(self) -> str:
         order = "identity" if self.order is None else self.order.tolist()

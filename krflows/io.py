@@ -6,7 +6,7 @@ The file is a :func:`torch.save` archive of plain Python values and tensors only
     {"format": "krflows.KRFlow", "format_version": 1,
      "krflows_version": "0.1.0", "torch_version": "2.5.1",
      "config": {"dim": 3, "family": "spline", "family_options": {"bins": 8, ...},
-                "layers": 4, "hidden": [64, 64], "order": None, "affine": True,
+                "layers": 4, "hidden": [64, 64], "order": None, "affine_stage": True,
                 "compile": None, "dtype": "float32"},
      "state_dict": {...}}
 
@@ -63,11 +63,11 @@ def flow_config(flow: KRFlow) -> dict:
         flow: a :class:`~krflows.KRFlow` (not a subclass) with a built-in family.
 
     Returns:
-        ``{"dim", "family", "family_options", "layers", "hidden", "order", "affine",
-        "compile", "dtype"}``; see :func:`flow_from_config`.
+        ``{"dim", "family", "family_options", "layers", "hidden", "order", "affine_stage",
+        "compile", "dtype"}`` (the constructor's keywords); see :func:`flow_from_config`.
 
     Example:
-        >>> cfg = flow_config(KRFlow(2, transform="bernstein", layers=1, hidden=(8,), degree=4))
+        >>> cfg = flow_config(KRFlow(2, family="bernstein", layers=1, hidden=(8,), degree=4))
         >>> cfg["family"], cfg["family_options"]["degree"], cfg["hidden"], cfg["dtype"]
         ('bernstein', 4, [8], 'float32')
     """
@@ -94,9 +94,9 @@ def flow_config(flow: KRFlow) -> dict:
         "layers": len(flow.conditioners),
         "hidden": hidden,
         "order": None if flow.order is None else flow.order.tolist(),
-        "affine": flow.affine is not None,
+        "affine_stage": flow.affine is not None,
         "compile": None if compile_options is None else _plain(compile_options, "compile options"),
-        "dtype": str(flow.base.mean.dtype).removeprefix("torch."),
+        "dtype": str(flow.dtype).removeprefix("torch."),
     }
 
 
@@ -109,8 +109,8 @@ def flow_from_config(config: dict, device: torch.device | str | None = None) -> 
     if config["family"] not in FAMILIES:
         raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {config['family']!r}")
     family = FAMILIES[config["family"]](**config["family_options"])
-    flow = KRFlow(config["dim"], family, layers=config["layers"], hidden=tuple(config["hidden"]),
-                  order=config["order"], affine=config["affine"])
+    flow = KRFlow(config["dim"], family=family, layers=config["layers"], hidden=tuple(config["hidden"]),
+                  order=config["order"], affine_stage=config["affine_stage"])
     flow = flow.to(device=device, dtype=dtype)
     if config["compile"] is not None:
         flow.compile(**config["compile"])

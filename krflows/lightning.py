@@ -1,9 +1,9 @@
 r"""Training with Lightning: :class:`KRFlowModule`, reverse KL of a flow against a target.
 
-The module is thin: the loss is :func:`krflows.objectives.reverse_kl`, the warm-up of the
-affine stage and the tempering schedule are :func:`krflows.fit.warm_up` and
-:func:`krflows.fit.temperature`, exactly as in :func:`krflows.fit`. What Lightning adds:
-devices (``accelerator="auto"``), DDP, checkpoints and resumption, gradient clipping
+The module is thin: the loss is :func:`krflows.objectives.reverse_kl`; the warm-up of the
+affine stage, the tempering schedule, the optimizer and its schedule and the skipping of
+non-finite gradients are those of :mod:`krflows.train`, exactly as in :func:`krflows.fit`.
+What Lightning adds: devices (``accelerator="auto"``), DDP, checkpoints and resumption, gradient clipping
 (``Trainer(gradient_clip_val=...)``) and loggers. What is logged, plotted and reported lives
 in :mod:`krflows.callbacks`; the command line ``krflows fit`` is :mod:`krflows.cli`.
 
@@ -26,11 +26,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from krflows.fit import temperature, warm_up
 from krflows.flows import KRFlow
+from krflows.importance import check_nan_policy
 from krflows.io import flow_config, flow_from_config
 from krflows.objectives import Batch, reverse_kl
 from krflows.targets import Target, as_target, get_target
+from krflows.train import adam_cosine, default_warmup, finite_grads, temperature, warm_up, warn_dropped
 
 __all__ = ["KRFlowModule"]
 
@@ -47,7 +48,7 @@ class KRFlowModule(L.LightningModule):
     Either inject the objects, ``KRFlowModule(flow=flow, target=target)``, or give plain
     configuration values (what ``krflows fit`` does): the target by name with its options,
     the flow by family, layers and widths; its dimension is the target's. An injected flow
-    wins over ``transform``/``layers``/``hidden``/``family_options``. Injected objects are
+    wins over ``family``/``layers``/``hidden``/``family_options``. Injected objects are
     not saved as hyperparameters; a module built from configuration values is restored by
     ``KRFlowModule.load_from_checkpoint(path)``, and so is one with an injected flow: the
     checkpoint records the flow's configuration (:func:`krflows.io.flow_config`) and the
@@ -57,8 +58,9 @@ class KRFlowModule(L.LightningModule):
 
     Each step: ``β = temperature(t, max_steps, anneal, beta0)``, one
     :func:`~krflows.objectives.reverse_kl` batch, Adam with a cosine schedule (to ``lr / 20``
-    at ``max_steps``). Samples where the target is NaN or inf are dropped and counted
-    (:attr:`dropped`); a batch with no finite value raises
+    at ``max_steps``). Samples where the target is ``-inf`` (zero density) are dropped and
+    counted (:attr:`dropped`); NaN is an error unless ``nan="zero"``; a batch with no finite
+    value raises
     :class:`~krflows.objectives.NonFiniteTargetError`; a step whose gradient is not finite
     changes no parameter (counted in :attr:`skipped`). Before the first step of a fresh
     run, :func:`~krflows.fit.warm_up` fits the affine stage (Gaussian VI), which moves the
@@ -72,8 +74,9 @@ class KRFlowModule(L.LightningModule):
             A target object is moved to the module's device when fitting starts.
         target_options: keyword arguments of the named target, e.g.
             ``{"separation": 7.0, "weights": [0.3, 0.7]}``.
-        transform: the monotone family of the built flow (``"spline"``, ``"affine"``,
+        family: the monotone family of the built flow (``"spline"``, ``"affine"``,
             ``"bernstein"``, ``"integrated"``).
+        transform: deprecated name of ``family`` (``DeprecationWarning``; wins when given).
         layers: autoregressive layers of the built flow.
         hidden: hidden widths of each layer's conditioner.
         family_options: options of the family, e.g. ``{"bins": 8, "bound": 5.0}``.
@@ -87,6 +90,9 @@ class KRFlowModule(L.LightningModule):
         seed: seeds the flow's initialization and every draw of the run.
         compile: compile the built flow's hot paths (:meth:`krflows.KRFlow.compile`):
             about half the CPU step time after a one-time compilation of tens of seconds.
+        nan: what a NaN log density of the target means (:mod:`krflows.importance`):
+            ``"error"`` (default) raises :class:`~krflows.objectives.NonFiniteTargetError`,
+            ``"zero"`` reads it as zero density (dropped and counted, like ``-inf``).
 
     Example:
         >>> module = KRFlowModule(target="banana", layers=1, hidden=(8,))
@@ -103,7 +109,7 @@ class KRFlowModule(L.LightningModule):
         target: str | Target | Callable = "bimodal2d",
         *,
         target_options: dict | None = None,
-        transform: str = "spline",
+        family: str = "spline",
         layers: int = 4,
         hidden: Sequence[int] = (64, 64),
         family_options: dict | None = None,
@@ -116,8 +122,15 @@ class KRFlowModule(L.LightningModule):
         path_gradient: bool = False,
         seed: int = 0,
         compile: bool = False,
+        nan: str = "error",
+        transform: str | None = None,
     ):
         super().__init__()
+        if transform is not None:
+            warnings.warn("KRFlowModule(transform=...) is deprecated: use family=", DeprecationWarning,
+                          stacklevel=2)
+            family = transform
+        check_nan_policy(nan)
         injected = [k for k, v in (("flow", flow), ("target", target)) if not isinstance(v, str | None)]
         self.save_hyperparameters(ignore=injected)
         if isinstance(target, str):
@@ -125,7 +138,7 @@ class KRFlowModule(L.LightningModule):
         self.target = as_target(target, dim=getattr(flow, "dim", None))
         if flow is None:
             with _seeded(torch.device("cpu"), seed, _INIT):
-                flow = KRFlow(self.target.dim, transform, layers, tuple(hidden), compile=compile,
+                flow = KRFlow(self.target.dim, family, layers, tuple(hidden), compile=compile,
                               **(family_options or {}))
         self.flow = flow
         self.dropped = 0  # samples with a non-finite target, over the run (this rank)
@@ -133,6 +146,7 @@ class KRFlowModule(L.LightningModule):
         self.beta = 1.0  # the inverse temperature of the last step
         self.last_batch: Batch | None = None  # the last reverse-KL batch, for the callbacks
         self._warmed_up = False
+        self._warned = False  # about dropped samples (once per process)
 
     def forward(self, z: Tensor) -> Tensor:
         """``x = T(z)``: reference points ``(*, d)`` pushed to the target side."""
@@ -159,9 +173,10 @@ class KRFlowModule(L.LightningModule):
         if self._warmed_up:
             return
         hp, steps = self.hparams, self.total_steps
-        n = min(200, steps // 5) if hp.warmup is None else hp.warmup
+        n = default_warmup(steps) if hp.warmup is None else hp.warmup
         with _seeded(self.device, hp.seed, _WARMUP):  # the same on every rank
-            warm_up(self.flow, self.target, n, hp.batch_size, beta=temperature(0, steps, hp.anneal, hp.beta0))
+            warm_up(self.flow, self.target, n, hp.batch_size, beta=temperature(0, steps, hp.anneal, hp.beta0),
+                    nan=hp.nan)
         if getattr(self.flow, "affine", None) is not None and self.trainer.world_size > 1:
             state = self.trainer.strategy.broadcast(self.flow.affine.state_dict(), src=0)
             self.flow.affine.load_state_dict(state)
@@ -173,16 +188,16 @@ class KRFlowModule(L.LightningModule):
         self.beta = temperature(step, self.total_steps, hp.anneal, hp.beta0)
         with _seeded(self.device, hp.seed, _TRAIN, self.global_rank, step):
             out = reverse_kl(self.flow, self.target, hp.batch_size, beta=self.beta,
-                             path_gradient=hp.path_gradient)
+                             path_gradient=hp.path_gradient, nan=hp.nan)
         self.dropped += out.dropped
+        self._warned = warn_dropped(out, step, self._warned)
         self.last_batch = out
         self.log("train/loss", out.loss, prog_bar=True, batch_size=hp.batch_size)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A non-finite gradient is discarded, so that Adam leaves every parameter alone."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+        if not finite_grads(self.parameters()):
             for p in self.parameters():
                 p.grad = None
             self.skipped += 1
@@ -190,8 +205,8 @@ class KRFlowModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.flow.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.total_steps, eta_min=hp.lr / 20)
+        # not fused: Lightning's gradient clipping and precision plugins expect the plain kernel
+        opt, sched = adam_cosine(params, hp.lr, self.total_steps, hp.weight_decay, fused=False)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- checkpoints: counters and the warm-up flag ----------------------------------------
@@ -207,7 +222,7 @@ class KRFlowModule(L.LightningModule):
                              "KRFlowModule.load_from_checkpoint(path, flow=flow)")
         config = checkpoint.get("krflows_flow")
         if config is not None and _flow_config_or_none(self.flow) != config:
-            self.flow = flow_from_config(config, device=self.flow.base.mean.device)
+            self.flow = flow_from_config(config, device=self.flow.device)
         if "target" not in checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY, {}) and "target" in self.hparams:
             warnings.warn(f"this checkpoint was trained on an injected target object, which it does not "
                           f"store; the module now has target={self.hparams.target!r}: pass the target "

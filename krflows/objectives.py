@@ -20,11 +20,9 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from krflows.importance import NonFiniteTargetError, evaluate_target, log_weights
+
 __all__ = ["Batch", "NonFiniteTargetError", "evaluate_target", "reverse_kl", "forward_kl"]
-
-
-class NonFiniteTargetError(RuntimeError):
-    """The target gave no finite log density on a whole batch (or raised on it)."""
 
 
 @dataclass
@@ -33,43 +31,34 @@ class Batch:
 
     loss: Tensor
     log_w: Tensor  # log p - log q of the kept samples, detached
-    dropped: int  # samples whose log p was NaN or inf
+    dropped: int  # samples whose log p was not finite (zero density, or NaN read as zero)
     n: int
 
 
-def evaluate_target(target, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``log p(x)`` and the mask of finite values. A target that raises counts as all bad."""
-    try:
-        log_p = target(x)
-    except Exception as err:  # noqa: BLE001 - reported to the user, never swallowed silently
-        raise NonFiniteTargetError(f"the target raised on a batch of {x.shape[0]} points: "
-                                   f"{type(err).__name__}: {err}") from err
-    if log_p.shape != x.shape[:-1]:
-        raise ValueError(f"the target's log_prob must return shape {tuple(x.shape[:-1])}, "
-                         f"got {tuple(log_p.shape)}")
-    return log_p, torch.isfinite(log_p)
-
-
-def reverse_kl(flow, target, n: int, beta: float = 1.0, path_gradient: bool = False) -> Batch:
+def reverse_kl(flow, target, n: int, beta: float = 1.0, path_gradient: bool = False,
+               nan: str = "error") -> Batch:
     r"""Monte-Carlo reverse KL (negative tempered ELBO) on ``n`` samples of the flow.
 
-    Samples where ``log p`` is NaN or inf are dropped and counted; if none is finite,
-    :class:`NonFiniteTargetError` is raised before any gradient is formed.
+    Samples where ``log p`` is not finite (``-inf``: zero density) are dropped and counted;
+    a NaN raises :class:`NonFiniteTargetError` unless ``nan="zero"`` reads it as zero density
+    (:mod:`krflows.importance`); if no sample is left, :class:`NonFiniteTargetError` is raised
+    before any gradient is formed.
     """
     if path_gradient:
         x = flow.rsample((n,))
         log_q = _log_prob_detached(flow, x)
     else:
         x, log_q = flow.rsample_and_log_prob((n,))
-    log_p, ok = evaluate_target(target, x)
+    weights = log_weights(target, x, log_q, nan)
+    ok = weights.finite
     kept = int(ok.sum())
     if kept == 0:
         raise NonFiniteTargetError(
             f"the target's log density was NaN or inf at all {n} flow samples; "
             "check the target's support and the flow's initialisation")
-    log_p, log_q = log_p[ok], log_q[ok]
+    log_p, log_q = weights.log_p[ok], log_q[ok]
     loss = (log_q - beta * log_p).mean()
-    return Batch(loss, (log_p - log_q).detach(), n - kept, n)
+    return Batch(loss, weights.log_w[ok].detach(), n - kept, n)
 
 
 class _LogProb(torch.nn.Module):

@@ -7,9 +7,10 @@ r"""Pyro integration: model potentials, the ``AutoKRFlow`` autoguide, and debias
   posterior over the flat unconstrained latent is a :class:`~krflows.KRFlow` (``z -> x``,
   lower triangular in the latent order of the model's sites). It works with ``SVI``,
   ``Predictive`` and :class:`~pyro.infer.reparam.NeuTraReparam` (NUTS in the reference space).
+* :func:`neutra_nuts` runs NUTS in the flow's reference space.
 * :func:`importance_resample`, :func:`self_normalized_expectation` and
-  :func:`independence_mh` correct a fitted flow's bias with importance weights
-  :math:`w = \tilde p / q`; :func:`neutra_nuts` runs NUTS in the flow's reference space.
+  :func:`independence_mh` (re-exported from :mod:`krflows.correct`, which needs no Pyro)
+  correct a fitted flow's bias with importance weights :math:`w = \tilde p / q`.
 
 Note: this module is ``krflows.pyro``, but absolute imports are in force, so inside it
 ``import pyro`` is the top-level Pyro package, not this module.
@@ -33,10 +34,17 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Transform, biject_to, constraints
 
-from krflows.diagnostics import ess, self_normalized
-from krflows.fit import warm_up
+from krflows._checks import renamed_keyword
+from krflows.correct.resampling import (
+    IMHResult,
+    Resampled,
+    importance_resample,
+    independence_mh,
+    self_normalized_expectation,
+)
 from krflows.flows import KRFlow
-from krflows.targets import Target, as_target
+from krflows.targets import Target
+from krflows.train import warm_up
 
 __all__ = [
     "ModelPotential",
@@ -48,6 +56,8 @@ __all__ = [
     "self_normalized_expectation",
     "independence_mh",
     "neutra_nuts",
+    "Resampled",
+    "IMHResult",
 ]
 
 
@@ -335,7 +345,8 @@ class AutoKRFlow(AutoContinuous):
 
     Arguments:
         model: a Pyro model with continuous latent sites and fixed structure.
-        transform, layers, hidden, flow_options: passed to :class:`~krflows.KRFlow`.
+        family, layers, hidden, flow_options: passed to :class:`~krflows.KRFlow`
+            (``transform=`` is the deprecated name of ``family``).
         init_scale: the affine stage's initial scale.
         init_loc_fn: per-site initialization (Pyro's ``init_to_*``).
         warmup: Gaussian-VI steps of the affine stage on the first call (0: off).
@@ -362,15 +373,16 @@ class AutoKRFlow(AutoContinuous):
     #: fixed quasi-random draws behind :meth:`quantiles` and :meth:`median` (a power of 2)
     quantile_draws: int = 2**15
 
-    def __init__(self, model: Callable, transform: str = "spline", layers: int = 2,
+    def __init__(self, model: Callable, family: str = "spline", layers: int = 2,
                  hidden: Sequence[int] = (32, 32), init_scale: float = 0.1,
                  init_loc_fn: Callable = init_to_median, warmup: int = 100, warmup_batch: int = 64,
                  **flow_options):
         if init_scale <= 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
+        family = renamed_keyword(flow_options, "transform", "family", family, "spline")
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._raw_model = (model,)  # a tuple: not registered as a submodule
-        self._flow_args = dict(transform=transform, layers=layers, hidden=tuple(hidden), **flow_options)
+        self._flow_args = dict(family=family, layers=layers, hidden=tuple(hidden), **flow_options)
         self._init_scale, self._warmup, self._warmup_batch = init_scale, warmup, warmup_batch
         self.flow = None
         self._potential = None
@@ -403,8 +415,8 @@ class AutoKRFlow(AutoContinuous):
         self.flow = flow  # registered with the param store (pyro.module) on first access
 
     def get_base_dist(self):
-        ref = self.flow._ref
-        return dist.Normal(torch.zeros_like(ref), torch.ones_like(ref)).to_event(1)
+        zeros = torch.zeros(self.flow.dim, device=self.flow.device, dtype=self.flow.dtype)
+        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
     def get_transform(self, *args, **kwargs) -> Transform:
         """The flow's map ``z -> x`` onto the flat unconstrained latent."""
@@ -492,14 +504,11 @@ class AutoKRFlow(AutoContinuous):
             >>> q["s"].shape, q["m"].shape, bool(torch.equal(q["m"], guide.quantiles([0.05, 0.5, 0.95])["m"]))
             (torch.Size([3]), torch.Size([3, 2]), True)
         """
-        from krflows.distribution import marginal_quantiles, quasi_reference, sample_quantiles
+        from krflows.distribution import check_levels, marginal_quantiles, quasi_reference, sample_quantiles
 
         flow = self._trained_flow()
-        ref = flow.base.mean
-        levels = torch.as_tensor(quantiles, dtype=ref.dtype, device=ref.device).reshape(-1)
-        if levels.numel() == 0 or not bool(((levels > 0) & (levels < 1)).all()):
-            raise ValueError(f"quantile levels must lie strictly between 0 and 1, got {levels.tolist()}")
-        draws = flow(quasi_reference(self.quantile_draws, flow.dim, 0, ref.dtype, ref.device))
+        levels = check_levels(quantiles, flow.dtype, flow.device)
+        draws = flow(quasi_reference(self.quantile_draws, flow.dim, 0, flow.dtype, flow.device))
         Q = levels.shape[0]
         latent = marginal_quantiles(flow, torch.cat([levels, 1 - levels]), samples=draws)
         images = self._potential.unpack(latent)  # each site's map of the latent quantiles
@@ -528,8 +537,8 @@ class AutoKRFlow(AutoContinuous):
     def _loc_scale(self, *args, **kwargs):
         from krflows.distribution import quasi_reference
 
-        ref = self._trained_flow().base.mean  # moments of the fixed quasi-random draws
-        x = self.flow(quasi_reference(self.quantile_draws, self.flow.dim, 0, ref.dtype, ref.device))
+        flow = self._trained_flow()  # moments of the fixed quasi-random draws
+        x = flow(quasi_reference(self.quantile_draws, flow.dim, 0, flow.dtype, flow.device))
         return x.mean(0), x.std(0)
 
     def debias(self, *args, n: int = 20000, modes="search", seed: int | None = None, **kwargs):
@@ -544,108 +553,6 @@ class AutoKRFlow(AutoContinuous):
         target = potential_from_model(self._raw_model[0], *args, **kwargs) if args or kwargs \
             else self.potential
         return debias(self.flow, target, n, modes=modes, seed=seed)
-
-
-# =============================================================================================
-# debiasing with importance weights
-
-
-class Resampled(NamedTuple):
-    samples: Tensor  # (n, d)
-    log_w: Tensor  # (m,) the proposals' log weights
-    ess: float  # normalized ESS of the m weights
-
-
-def _weighted_draws(flow, target, m: int) -> tuple[Tensor, Tensor]:
-    target = as_target(target, dim=flow.dim)
-    with torch.no_grad():
-        x, log_q = flow.rsample_and_log_prob((m,))
-        log_w = target(x) - log_q
-    return x, torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
-
-
-def importance_resample(flow, target, n: int, m: int | None = None,
-                        generator: torch.Generator | None = None) -> Resampled:
-    r"""Sampling-importance-resampling: ``n`` draws, with replacement, from ``m`` flow samples
-    weighted by :math:`w = \tilde p / q`.
-
-    Consistent as ``m -> inf`` (bias :math:`O(1/m)`); trustworthy only when
-    :func:`~krflows.diagnostics.pareto_k` of ``log_w`` is below about 0.7.
-
-    Arguments:
-        flow: the proposal (``rsample_and_log_prob``), e.g. a :class:`~krflows.KRFlow`.
-        target: a krflows target or callable ``log_prob(x) -> (m,)``.
-        n: resampled points; ``m``: proposals (default ``10 n``).
-    """
-    m = 10 * n if m is None else m
-    x, log_w = _weighted_draws(flow, target, m)
-    if not bool(torch.isfinite(log_w).any()):
-        raise ValueError("no proposal has a finite importance weight")
-    idx = torch.multinomial(torch.softmax(log_w.double(), 0), n, replacement=True, generator=generator)
-    return Resampled(x[idx.to(x.device)], log_w, float(ess(log_w[torch.isfinite(log_w)])))
-
-
-def self_normalized_expectation(flow, target, fn: Callable[[Tensor], Tensor], n: int = 10000
-                                ) -> tuple[Tensor, Tensor]:
-    r"""The self-normalized importance estimate of :math:`E_p[f]` and its standard error,
-    from ``n`` flow samples (:func:`krflows.diagnostics.self_normalized`); ``fn`` maps
-    ``(n, d)`` to ``(n, *)``."""
-    x, log_w = _weighted_draws(flow, target, n)
-    keep = torch.isfinite(log_w)
-    return self_normalized(fn(x[keep]), log_w[keep])
-
-
-class IMHResult(NamedTuple):
-    samples: Tensor  # (n_steps, d)
-    acceptance_rate: float
-    log_w: Tensor  # (n_steps,) log weights of the chain's states
-
-
-def independence_mh(flow, target, n_steps: int, x0: Tensor | None = None, batch_size: int = 4096,
-                    generator: torch.Generator | None = None) -> IMHResult:
-    r"""Independent Metropolis–Hastings with the flow as proposal: an exact MCMC correction.
-
-    From state ``x`` with weight :math:`w(x) = \tilde p(x)/q(x)`, propose ``x' ~ q`` and accept
-    with probability :math:`\min(1, w(x')/w(x))`. The chain's stationary law is ``p``; it is
-    uniformly ergodic when ``w`` is bounded, and the acceptance rate is at least
-    :math:`1/\sup (p/q)` (normalized ``p``).
-
-    Arguments:
-        flow: the proposal, with ``rsample_and_log_prob`` (e.g. a :class:`~krflows.KRFlow`).
-        target: a krflows target or callable ``log_prob(x) -> (n,)``.
-        n_steps: chain length (the returned samples include repeats, no burn-in dropped).
-        x0: the initial state ``(d,)`` (default: the first proposal).
-        batch_size: proposals drawn (and their weights evaluated) per batch.
-
-    Returns:
-        ``IMHResult(samples (n_steps, d), acceptance_rate, log_w (n_steps,))``.
-    """
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be a positive int, got {n_steps}")
-    target = as_target(target, dim=flow.dim)
-    if x0 is None:
-        x, lw = _weighted_draws(flow, target, 1)
-        x, lw = x[0], lw[0]
-    else:
-        with torch.no_grad():
-            x, lw = x0, (target(x0[None]) - flow.log_prob(x0[None]))[0]
-    samples, log_ws, accepted, done = [], [], 0, 0
-    while done < n_steps:
-        m = min(batch_size, n_steps - done)
-        prop, lw_prop = _weighted_draws(flow, target, m)
-        log_u = torch.rand(m, generator=generator, dtype=torch.float64).log().tolist()
-        states = torch.empty(m, dtype=torch.long)
-        chosen_lw = torch.empty(m, dtype=lw_prop.dtype)
-        current, current_lw = -1, float(lw)  # -1: the state carried over from before the batch
-        for i, (lwp, lu) in enumerate(zip(lw_prop.tolist(), log_u, strict=True)):
-            if lu < lwp - current_lw:
-                current, current_lw, accepted = i, lwp, accepted + 1
-            states[i], chosen_lw[i] = current, current_lw
-        batch = torch.where((states >= 0)[:, None], prop[states.clamp(min=0)], x)
-        samples.append(batch)
-        log_ws.append(chosen_lw)
-        x, lw, done = batch[-1], chosen_lw[-1], done + m
-    return IMHResult(torch.cat(samples), accepted / n_steps, torch.cat(log_ws))
 
 
 # =============================================================================================

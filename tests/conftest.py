@@ -23,7 +23,7 @@ FAMILY_NAMES = ["affine", "spline", "bernstein", "integrated"]
 
 def make_flow(family: str, dim: int = 3, std: float = 0.3, seed: int = 0, **kw) -> krflows.KRFlow:
     torch.manual_seed(seed)
-    flow = krflows.KRFlow(dim, transform=family, layers=kw.pop("layers", 2),
+    flow = krflows.KRFlow(dim, family=family, layers=kw.pop("layers", 2),
                           hidden=kw.pop("hidden", (16, 16)), **kw)
     return randomized(flow.double(), std=std, seed=seed)
 

@@ -36,8 +36,8 @@ def test_help(capsys):
         main(["fit", "--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0
-    for option in ("Common options", "--model.target", "--model.transform", "--trainer.max_steps", "--name",
-                   "--root_dir", "--ckpt_path", "bimodal2d", "twomoons"):
+    for option in ("Common options", "--model.target", "--model.family", "--model.nan", "--trainer.max_steps",
+                   "--name", "--root_dir", "--ckpt_path", "bimodal2d", "twomoons"):
         assert option in out, option
     assert "--optimizer" not in out  # Adam + cosine schedule are the module's
 

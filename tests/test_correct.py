@@ -16,7 +16,7 @@ from krflows.correct.modes import _hessian
 
 def gaussian_flow(mean, cov, dtype=torch.float32) -> KRFlow:
     """A flow that is exactly N(mean, cov)."""
-    flow = KRFlow(len(mean), transform="affine", layers=0).to(dtype)
+    flow = KRFlow(len(mean), family="affine", layers=0).to(dtype)
     flow.affine.initialize(torch.as_tensor(mean, dtype=dtype), torch.as_tensor(cov, dtype=dtype))
     return flow
 

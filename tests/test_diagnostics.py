@@ -1,6 +1,6 @@
 """Diagnostics: every number against a closed form or an independent computation.
 
-Flows are set exactly (``KRFlow(d, transform="affine", layers=0)`` + ``affine.initialize``), so
+Flows are set exactly (``KRFlow(d, family="affine", layers=0)`` + ``affine.initialize``), so
 that ``q`` is a known Gaussian and the truth of each diagnostic is known in closed form.
 """
 
@@ -25,6 +25,7 @@ from krflows.diagnostics import (
     total_variation,
     valley_mask,
 )
+from krflows.objectives import NonFiniteTargetError
 
 MEAN = torch.tensor([1.0, -2.0], dtype=torch.float64)
 COV = torch.tensor([[2.0, 0.6], [0.6, 1.0]], dtype=torch.float64)
@@ -34,7 +35,7 @@ SUB = 400  # subsample of the O(n^2) Sinkhorn
 
 def gaussian_flow(mean, cov) -> KRFlow:
     """A flow that is exactly N(mean, cov), in float64."""
-    flow = KRFlow(len(mean), transform="affine", layers=0).double()
+    flow = KRFlow(len(mean), family="affine", layers=0).double()
     flow.affine.initialize(torch.as_tensor(mean, dtype=torch.float64),
                            torch.as_tensor(cov, dtype=torch.float64))
     return flow
@@ -261,10 +262,12 @@ def test_callable_target_with_nan_region_and_reference_samples():
         return torch.where(x[..., 0] > float(MEAN[0]), lp, torch.full_like(lp, float("nan")))
 
     flow = gaussian_flow(MEAN, COV)
-    r = krflows.diagnose(flow, half_nan, n=N, seed=5, n_sub=SUB)
-    assert r["n"] + r["n_dropped"] == N
-    assert r["n_dropped"] / N == pytest.approx(0.5, abs=4 * math.sqrt(0.25 / N))
-    assert "dropped" in r["verdict"]
+    with pytest.raises(NonFiniteTargetError, match="NaN at .* nan='zero'"):
+        krflows.diagnose(flow, half_nan, n=N, seed=5, n_sub=SUB)  # NaN is an error by default
+    r = krflows.diagnose(flow, half_nan, n=N, seed=5, n_sub=SUB, nan="zero")  # NaN: zero density
+    assert r["n"] == N and r["n_dropped"] == 0
+    assert r["frac_zero_density"] == pytest.approx(0.5, abs=4 * math.sqrt(0.25 / N))
+    assert "target density is zero" in r["verdict"] and r["elbo"] == -math.inf
     for key in ("true_log_z", "eubo", "forward_ess", "kl_reverse", "sinkhorn"):
         assert key not in r  # nothing is known about the truth of a bare callable
     torch.manual_seed(0)
@@ -355,10 +358,34 @@ def test_light_tailed_flow_is_flagged_by_the_jeffreys_gap():
     = 5 · ½ (9 + 1/9 - 2) ≈ 17.8 nats > 10, so the verdict names the light tails."""
     d = 5
     target = targets.Gaussian(torch.zeros(d), 9 * torch.eye(d), dtype=torch.float64)
-    flow = KRFlow(d, transform="affine", layers=1, hidden=(4,)).double()  # the identity map
+    flow = KRFlow(d, family="affine", layers=1, hidden=(4,)).double()  # the identity map
     p = MultivariateNormal(torch.zeros(d, dtype=torch.float64), 9 * torch.eye(d, dtype=torch.float64))
     q = MultivariateNormal(torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64))
     exact = float(kl_divergence(p, q) + kl_divergence(q, p))
     r = krflows.diagnose(flow, target, n=4000, seed=0, n_sub=200)
     assert r["jeffreys"] == pytest.approx(exact, rel=0.1)
     assert exact > 10 and "EUBO - ELBO" in r["verdict"], r["verdict"]
+
+
+def test_every_stage_entry_is_declared_once_in_the_layout(gauss_target):
+    """The stages' fields are the report's keys, all declared in LAYOUT, and the report follows it."""
+    import dataclasses
+
+    from krflows.diagnostics import conditioning, distances, modes, report, weights
+
+    keys = [e.key for e in report.LAYOUT]
+    assert len(keys) == len(set(keys))
+    for stage in (weights.Evidence, weights.ForwardEvidence, modes.ModeStats, distances.Distances,
+                  conditioning.Conditioning):
+        assert {f.name for f in dataclasses.fields(stage)} <= set(keys), stage.__name__
+    r = krflows.diagnose(gaussian_flow(MEAN, COV), gauss_target, n=500, seed=0, n_sub=100)
+    assert list(r) == [k for k in keys if k in r]
+    assert all(f"``{k}``" in krflows.diagnose.__doc__ for k in keys)
+    assert r.headline()[0].startswith("verdict") and any(line.startswith("ESS/N") for line in r.headline())
+
+
+def test_old_sinkhorn_name_is_deprecated():
+    x = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="sharp_sinkhorn_divergence"):
+        old = diagnostics.sinkhorn_divergence(x, x + 1, reg=0.1)
+    assert old == diagnostics.sharp_sinkhorn_divergence(x, x + 1, 0.1)

@@ -36,7 +36,7 @@ COV = CHOL @ CHOL.T
 
 def gaussian_flow(order=None, family="affine", layers=0):
     """A flow whose law is exactly N(MEAN, COV): identity layers, affine stage = Cholesky."""
-    flow = krflows.KRFlow(3, transform=family, layers=layers, hidden=(8,), order=order).double()
+    flow = krflows.KRFlow(3, family=family, layers=layers, hidden=(8,), order=order).double()
     perm = list(range(3)) if order is None else list(order)
     # the affine stage acts in flow order: coordinate i of the map is user coordinate order[i]
     flow.affine.initialize(MEAN[perm], COV[perm][:, perm])

@@ -21,7 +21,7 @@ def test_learned_map_converges_pointwise_to_the_exact_kr_map():
     d = 4
     cov, mean = _cov(d)
     target = krflows.targets.Gaussian(mean, cov)
-    flow = krflows.KRFlow(d, transform="spline", layers=2, hidden=(32, 32))
+    flow = krflows.KRFlow(d, family="spline", layers=2, hidden=(32, 32))
     krflows.fit(flow, target, steps=600, batch_size=256, lr=3e-3)
     z = torch.randn(2000, d).clamp(-2, 2)  # the bulk
     with torch.no_grad():
@@ -40,8 +40,10 @@ def test_fit_history_and_dropped_samples():
         return torch.where(x[..., 0] > 0, lp, torch.full_like(lp, float("nan")))
 
     flow = krflows.KRFlow(2, layers=1, hidden=(16,))
+    with pytest.raises(NonFiniteTargetError, match=r"NaN at \d+ of 64 points.*nan='zero'"):
+        krflows.fit(flow, half_nan, steps=30, batch_size=64, log_every=10)  # NaN: an error by default
     with pytest.warns(UserWarning, match="non-finite target log density"):
-        h = krflows.fit(flow, half_nan, steps=30, batch_size=64, log_every=10)
+        h = krflows.fit(flow, half_nan, steps=30, batch_size=64, log_every=10, nan="zero")
     assert h["step"] == [10, 20, 30] and h["dropped"][-1] > 0
     assert all(torch.isfinite(p).all() for p in flow.parameters())
 
@@ -51,7 +53,12 @@ def test_whole_bad_batch_raises_and_leaves_parameters_untouched():
     before = [p.detach().clone() for p in flow.parameters()]
     with pytest.raises(NonFiniteTargetError, match="NaN or inf at all 32"):
         krflows.fit(flow, lambda x: torch.full(x.shape[:-1], float("nan")), steps=5,
+                    batch_size=32, warmup=0, nan="zero")
+    with pytest.raises(NonFiniteTargetError, match="NaN at 32 of 32 points"):
+        krflows.fit(flow, lambda x: torch.full(x.shape[:-1], float("nan")), steps=5,
                     batch_size=32, warmup=0)
+    with pytest.raises(ValueError, match="nan must be one of"):
+        krflows.fit(flow, lambda x: -x.square().sum(-1), steps=5, nan="drop")
     with pytest.raises(NonFiniteTargetError, match="raised"):
         krflows.fit(flow, lambda x: 1 / 0, steps=5, batch_size=32, warmup=0)
     assert all(torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
@@ -68,7 +75,7 @@ def test_bad_arguments():
 def test_forward_kl_from_exact_samples():
     torch.manual_seed(0)
     target = krflows.targets.Gaussian(torch.tensor([3.0, -1.0]), torch.tensor([[4.0, 1.0], [1.0, 1.0]]))
-    flow = krflows.KRFlow(2, transform="affine", layers=1, hidden=(8,))
+    flow = krflows.KRFlow(2, family="affine", layers=1, hidden=(8,))
     krflows.fit(flow, target, steps=300, batch_size=256, lr=2e-2, objective="forward_kl",
                 samples=target.sample((4000,)))
     x = flow.sample((20000,))

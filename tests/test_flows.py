@@ -36,7 +36,7 @@ def test_log_prob_integrates_to_one_in_2d(family):
 
 
 def _gaussian_flow(mean, cov):
-    flow = krflows.KRFlow(len(mean), transform="affine", layers=0).double()
+    flow = krflows.KRFlow(len(mean), family="affine", layers=0).double()
     flow.affine.initialize(mean, cov)
     return flow
 
@@ -111,7 +111,7 @@ def test_conditional_samples_of_a_nonlinear_flow():
        std=st.sampled_from([0.1, 1.0, 5.0]), seed=st.integers(0, 1000),
        zval=st.floats(-50, 50))
 def test_extreme_inputs_give_finite_outputs(family, dtype, std, seed, zval):
-    flow = randomized(krflows.KRFlow(3, transform=family, layers=2, hidden=(16,)),
+    flow = randomized(krflows.KRFlow(3, family=family, layers=2, hidden=(16,)),
                       std=std, seed=seed).to(dtype)
     z = torch.tensor([[zval, -zval, 50.0], [-50.0, zval, 0.0]], dtype=dtype)
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_extreme_inputs_give_finite_outputs(family, dtype, std, seed, zval):
 
 
 def test_float32_round_trip_and_log_prob():
-    flow = randomized(krflows.KRFlow(4, transform="spline", layers=3, hidden=(16,)), std=0.3)
+    flow = randomized(krflows.KRFlow(4, family="spline", layers=3, hidden=(16,)), std=0.3)
     x, log_q = flow.rsample_and_log_prob((256,))
     assert x.dtype == torch.float32
     assert torch.allclose(flow.log_prob(x), log_q, atol=1e-3)
@@ -152,9 +152,30 @@ def test_bad_input_is_rejected(bad, match):
         flow.log_prob(bad)
 
 
+def test_old_keywords_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="family="):
+        flow = krflows.KRFlow(2, transform="affine", layers=1, hidden=(4,))
+    assert type(flow.family).__name__ == "Affine"
+    with pytest.warns(DeprecationWarning, match="affine_stage="):
+        assert krflows.KRFlow(2, affine=False, layers=1, hidden=(4,)).affine is None
+    with pytest.raises(ValueError, match="not both"):
+        krflows.KRFlow(2, family="bernstein", transform="affine")
+
+
+def test_push_device_dtype_and_interpolate():
+    flow = make_flow("spline", 3, order=[2, 0, 1])
+    assert flow.dtype == torch.float64 and flow.device == torch.device("cpu")
+    z = flow.base.sample((50,))
+    x, log_q, log_diag = flow.push(z)
+    torch.testing.assert_close(x, flow(z))
+    torch.testing.assert_close(log_q, flow.log_prob(x), atol=1e-8, rtol=0)
+    torch.testing.assert_close(log_diag, flow.triangular.call_and_log_diag(z)[1])
+    torch.testing.assert_close(flow.interpolate(1.0).log_prob(x), log_q, atol=1e-8, rtol=0)
+
+
 def test_bad_construction_is_rejected():
-    with pytest.raises(ValueError, match="transform must be one of"):
-        krflows.KRFlow(2, transform="nope")
+    with pytest.raises(ValueError, match="family must be one of"):
+        krflows.KRFlow(2, family="nope")
     with pytest.raises(ValueError, match="permutation"):
         krflows.KRFlow(3, order=[0, 0, 1])
     with pytest.raises(ValueError, match="positive int"):
@@ -180,8 +201,8 @@ def test_compiled_flow_matches_eager(family="spline"):
     """``KRFlow.compile()``: same samples, densities and gradients as eager, up to rounding
     (oracle: the eager flow with the same weights and the same random numbers). float64, so
     that the comparison is not blurred by float32 inverses at ill-conditioned points."""
-    eager = randomized(krflows.KRFlow(3, transform=family, layers=2, hidden=(16,)), std=0.3).double()
-    compiled = randomized(krflows.KRFlow(3, transform=family, layers=2, hidden=(16,)), std=0.3).double()
+    eager = randomized(krflows.KRFlow(3, family=family, layers=2, hidden=(16,)), std=0.3).double()
+    compiled = randomized(krflows.KRFlow(3, family=family, layers=2, hidden=(16,)), std=0.3).double()
     compiled.compile()
     assert "compiled" in repr(compiled)
     for seed in (0, 1):
@@ -227,5 +248,5 @@ def test_compiled_flow_survives_deepcopy_and_pickle(monkeypatch):
                            flow.state_dict()["conditioners.0.out.weight"])
     assert all(c == {"dynamic": False} for c in calls)
     # root-finding inverses (data-dependent loops) stay eager: only sampling is compiled
-    root_finding = krflows.KRFlow(2, transform="bernstein", layers=1, hidden=(4,)).compile()
+    root_finding = krflows.KRFlow(2, family="bernstein", layers=1, hidden=(4,)).compile()
     assert set(root_finding._compiled) == {"push"}

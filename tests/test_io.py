@@ -41,10 +41,10 @@ def test_round_trip_of_each_family_in_float64_with_an_order(family, tmp_path):
 
 @pytest.mark.parametrize("make", [
     lambda: krflows.KRFlow(2, layers=1, hidden=(8, 4)),  # float32 default
-    lambda: krflows.KRFlow(3, transform="bernstein", layers=2, hidden=(6,), degree=5, bound=4.0),
-    lambda: krflows.KRFlow(2, transform=Spline(bins=4, affine=False), layers=1, hidden=(8,)),
-    lambda: krflows.KRFlow(2, transform="affine", layers=0, affine=True),
-    lambda: krflows.KRFlow(2, layers=1, hidden=(8,), affine=False),
+    lambda: krflows.KRFlow(3, family="bernstein", layers=2, hidden=(6,), degree=5, bound=4.0),
+    lambda: krflows.KRFlow(2, family=Spline(bins=4, affine=False), layers=1, hidden=(8,)),
+    lambda: krflows.KRFlow(2, family="affine", layers=0, affine_stage=True),
+    lambda: krflows.KRFlow(2, layers=1, hidden=(8,), affine_stage=False),
 ])
 def test_round_trip_of_options(make, tmp_path):
     flow = randomized(make(), std=0.2)
@@ -124,7 +124,7 @@ class MyFlow(krflows.KRFlow):
 
 def test_custom_family_and_subclass_are_refused_on_saving(tmp_path):
     with pytest.raises(ValueError, match="custom family MyFamily.*built-in families"):
-        krflows.save(krflows.KRFlow(2, transform=MyFamily(), layers=1, hidden=(4,)), tmp_path / "f.pt")
+        krflows.save(krflows.KRFlow(2, family=MyFamily(), layers=1, hidden=(4,)), tmp_path / "f.pt")
     with pytest.raises(ValueError, match="stores a krflows.KRFlow, got MyFlow"):
         krflows.save(MyFlow(2, layers=1, hidden=(4,)), tmp_path / "f.pt")
     assert not (tmp_path / "f.pt").exists()
@@ -142,7 +142,7 @@ def fit_and_checkpoint(module, tmp_path) -> str:
 
 
 def test_checkpoint_with_an_injected_flow_reloads(tmp_path):
-    flow = krflows.KRFlow(2, transform="bernstein", layers=1, hidden=(8,), order=[1, 0], degree=4)
+    flow = krflows.KRFlow(2, family="bernstein", layers=1, hidden=(8,), order=[1, 0], degree=4)
     module = KRFlowModule(flow=flow, target="banana", warmup=1, batch_size=32)
     path = fit_and_checkpoint(module, tmp_path)
     loaded = KRFlowModule.load_from_checkpoint(path)
@@ -150,7 +150,7 @@ def test_checkpoint_with_an_injected_flow_reloads(tmp_path):
     assert_same_flow(flow, loaded.flow)
     assert loaded._warmed_up and loaded.target.dim == 2
     # passing the flow again keeps that object and loads the weights into it
-    again = krflows.KRFlow(2, transform="bernstein", layers=1, hidden=(8,), order=[1, 0], degree=4)
+    again = krflows.KRFlow(2, family="bernstein", layers=1, hidden=(8,), order=[1, 0], degree=4)
     assert KRFlowModule.load_from_checkpoint(path, flow=again).flow is again
     assert_same_flow(flow, again)
 
@@ -168,10 +168,10 @@ def test_checkpoint_with_injected_target_warns_unless_passed_again(tmp_path):
 
 
 def test_checkpoint_with_a_custom_family_asks_for_the_flow(tmp_path):
-    module = KRFlowModule(flow=krflows.KRFlow(2, transform=MyFamily(), layers=1, hidden=(8,)),
+    module = KRFlowModule(flow=krflows.KRFlow(2, family=MyFamily(), layers=1, hidden=(8,)),
                           target="banana", warmup=1, batch_size=32)
     path = fit_and_checkpoint(module, tmp_path)
     with pytest.raises(ValueError, match=r"custom family.*load_from_checkpoint\(path, flow=flow\)"):
         KRFlowModule.load_from_checkpoint(path)
-    again = krflows.KRFlow(2, transform=MyFamily(), layers=1, hidden=(8,))
+    again = krflows.KRFlow(2, family=MyFamily(), layers=1, hidden=(8,))
     assert_same_flow(module.flow, KRFlowModule.load_from_checkpoint(path, flow=again).flow, configs=False)

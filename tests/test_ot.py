@@ -12,7 +12,6 @@ from krflows.exact import gaussian_brenier_map, gaussian_kr_map
 from krflows.nn import MaskedMLP
 from krflows.ot import (
     Interpolated,
-    _sqrtm,
     affine_transport_cost,
     barycentric_map,
     entropic_ot_gaussian,
@@ -25,6 +24,7 @@ from krflows.ot import (
     ula,
     wasserstein2_gaussian,
 )
+from krflows.ot.gaussian import sqrtm_psd
 from krflows.transforms import AutoregressiveTransform, LowerAffineTransform
 from krflows.transforms.monotone import FAMILIES
 
@@ -297,7 +297,7 @@ def _moment_matched(n, m, S, g):
     """``n`` draws of N(m, S) whose sample mean and (biased) covariance are exactly m and S."""
     u = torch.randn(n, 2, generator=g, dtype=F64)
     u = u - u.mean(0)
-    u = u @ torch.linalg.inv(_sqrtm(u.T @ u / n))
+    u = u @ torch.linalg.inv(sqrtm_psd(u.T @ u / n))
     return m + u @ torch.linalg.cholesky(S).T
 
 

@@ -212,7 +212,7 @@ def test_neutra_nuts_runs_on_trained_guide():
 
 def _wrong_flow(dim=2):
     """A Gaussian flow slightly off the N(m, C) target below: shifted and 20% too wide."""
-    flow = krflows.KRFlow(dim, transform="affine", layers=0).double()
+    flow = krflows.KRFlow(dim, family="affine", layers=0).double()
     flow.affine.initialize(torch.tensor([0.9, -0.4]), torch.tensor([[1.2**2, 0.3], [0.3, 0.7]]))
     return flow
 
@@ -233,7 +233,7 @@ def test_independence_mh_corrects_a_wrong_flow():
 
 
 def test_independence_mh_with_exact_flow_accepts_everything():
-    flow = krflows.KRFlow(2, transform="affine", layers=0).double()
+    flow = krflows.KRFlow(2, family="affine", layers=0).double()
     flow.affine.initialize(TARGET.mean, TARGET.cov)
     result = independence_mh(flow, TARGET, n_steps=200, x0=TARGET.mean)
     assert result.acceptance_rate > 0.99
@@ -248,11 +248,29 @@ def test_importance_resample_and_self_normalized():
     assert bool(((est - TARGET.mean.double()).abs() < 5 * se + 1e-3).all()), (est, se)
 
 
+def test_corrections_live_in_correct_and_follow_the_nan_policy():
+    from krflows import correct
+    from krflows.objectives import NonFiniteTargetError
+
+    assert krflows.pyro.importance_resample is correct.importance_resample
+    assert krflows.pyro.independence_mh is correct.independence_mh
+
+    def half_nan(x):
+        lp = TARGET.log_prob(x)
+        return torch.where(x[..., 0] > float(TARGET.mean[0]), lp, torch.full_like(lp, math.nan))
+
+    with pytest.raises(NonFiniteTargetError, match="nan='zero'"):
+        correct.importance_resample(_wrong_flow(), half_nan, n=100)
+    res = correct.importance_resample(_wrong_flow(), half_nan, n=1000, nan="zero")
+    assert bool((res.samples[:, 0] > TARGET.mean[0]).all())  # NaN read as zero density: never drawn
+    assert correct.independence_mh(_wrong_flow(), half_nan, 50, nan="zero").samples.shape == (50, 2)
+
+
 def test_imh_on_model_potential():
     torch.manual_seed(5)
     potential = potential_from_model(normal_normal, Y)
     mean, var = normal_normal_posterior(Y)
-    flow = krflows.KRFlow(2, transform="affine", layers=0)
+    flow = krflows.KRFlow(2, family="affine", layers=0)
     flow.affine.initialize(mean + 0.05, torch.diag(var * 1.3))
     result = independence_mh(flow, potential, n_steps=3000)
     assert result.acceptance_rate > 0.5

@@ -587,5 +587,8 @@ def test_registry():
 
 
 def test_doctests():
-    result = doctest.testmod(targets, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 10
+    from krflows.targets import base, energies, gaussian, mixtures
+
+    results = [doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE)
+               for m in (targets, base, gaussian, mixtures, energies)]
+    assert sum(r.failed for r in results) == 0 and sum(r.attempted for r in results) > 10

@@ -163,7 +163,7 @@ def test_spline_matches_nflows_kernel_inside_the_box():
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_zero_parameters_give_the_identity(family):
-    flow = krflows.KRFlow(D, transform=family, layers=2, hidden=(8,)).double()
+    flow = krflows.KRFlow(D, family=family, layers=2, hidden=(8,)).double()
     z = torch.randn(10, D, dtype=torch.float64) * 4
     assert torch.allclose(flow(z), z, atol=1e-12)
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from krflows.correct.modes import ModeSet, _chunks, _flow_device, _mahalanobis, find_modes
-from krflows.diagnostics import ess as _ess
-from krflows.diagnostics import log_z_estimate, pareto_k, self_normalized
+from krflows.correct.modes import ModeSet, find_modes, mahalanobis
+from krflows.diagnostics.weights import ess as _ess
+from krflows.diagnostics.weights import log_z_estimate, pareto_k, self_normalized
+from krflows.importance import check_nan_policy, evaluate_target
 from krflows.targets import Target, as_target
 
 __all__ = ["DebiasResult", "debias", "student_t_log_prob", "student_t_sample"]
@@ -44,7 +45,7 @@ def student_t_log_prob(x: Tensor, loc: Tensor, scale_tril: Tensor, df: float) ->
         True
     """
     d = x.shape[-1]
-    maha = torch.cat([_mahalanobis(c, loc, scale_tril) for c in _chunks(x, loc.shape[0])]).square()
+    maha = mahalanobis(x, loc, scale_tril).square()
     log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     const = math.lgamma(0.5 * (df + d)) - math.lgamma(0.5 * df) - 0.5 * d * math.log(df * math.pi)
     return const - log_det - 0.5 * (df + d) * torch.log1p(maha / df)
@@ -154,7 +155,7 @@ def _finite(t: Tensor) -> Tensor:
 
 def debias(flow, target, n: int = 20000, *, modes: str | ModeSet | None = "search",
            alpha: float = 0.5, df: float = 4.0, seed: int | None = None,
-           mode_options: dict | None = None) -> DebiasResult:
+           mode_options: dict | None = None, nan: str = "error") -> DebiasResult:
     r"""Importance-weighted draws from a defensive mixture of the flow and Laplace components.
 
     The proposal mixes the flow ``q`` with heavy-tailed Student-t components centred on the
@@ -195,6 +196,8 @@ def debias(flow, target, n: int = 20000, *, modes: str | ModeSet | None = "searc
         df: the Student-t degrees of freedom :math:`\nu`.
         seed: seeds all draws, the mode search's included (the global RNG state is restored).
         mode_options: keyword arguments of :func:`find_modes`.
+        nan: what a NaN log density of the target means (:mod:`krflows.importance`): ``"error"``
+            (default) raises, ``"zero"`` reads it as zero density (weight zero).
 
     Returns:
         a :class:`DebiasResult`.
@@ -202,7 +205,7 @@ def debias(flow, target, n: int = 20000, *, modes: str | ModeSet | None = "searc
     Example:
         >>> from krflows import KRFlow, targets
         >>> target = targets.Bimodal2D(separation=8.0, weights=[0.3, 0.7])  # log Z = log 2 pi
-        >>> flow = KRFlow(2, transform="affine", layers=0)
+        >>> flow = KRFlow(2, family="affine", layers=0)
         >>> flow.affine.initialize(torch.tensor([4.0, 0.0]), torch.eye(2))  # the 0.7 mode only
         >>> res = debias(flow, target, n=4000, seed=0)
         >>> res.mode_weights.round(decimals=2).tolist()  # the flow alone: [1.0, 0.0]
@@ -214,8 +217,9 @@ def debias(flow, target, n: int = 20000, *, modes: str | ModeSet | None = "searc
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
     if df <= 0:
         raise ValueError(f"df must be positive, got {df}")
+    check_nan_policy(nan)
     target = as_target(target, dim=flow.dim)
-    device = _flow_device(flow) or target.device
+    device = getattr(flow, "device", None) or target.device
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.no_grad():
         if seed is not None:
@@ -226,10 +230,11 @@ def debias(flow, target, n: int = 20000, *, modes: str | ModeSet | None = "searc
             modes = find_modes(target, flow, **(mode_options or {}))
         elif modes is not None and not isinstance(modes, ModeSet):
             raise ValueError(f"modes must be 'search', a ModeSet or None, got {type(modes).__name__}")
-        return _debias(flow, target, n, modes, alpha, df)
+        return _debias(flow, target, n, modes, alpha, df, nan)
 
 
-def _debias(flow, target, n: int, modes: ModeSet | None, alpha: float, df: float) -> DebiasResult:
+def _debias(flow, target, n: int, modes: ModeSet | None, alpha: float, df: float, nan: str
+            ) -> DebiasResult:
     k = 0 if modes is None else len(modes)
     probs = torch.tensor([1.0], dtype=torch.float64)
     if k:
@@ -254,7 +259,7 @@ def _debias(flow, target, n: int, modes: ModeSet | None, alpha: float, df: float
         log_t = student_t_log_prob(x.double(), loc, tril, df)  # (n, k)
         terms.append(log_t + probs[used].to(log_t).log())
     log_q_mix = torch.logsumexp(torch.cat([terms[0][:, None], *terms[1:]], 1), 1)
-    log_p = _finite(target.log_prob(x).double())
+    log_p = _finite(evaluate_target(target, x, nan)[0].double())
     log_w = _finite(log_p - log_q_mix)
     if not bool(torch.isfinite(log_w).any()):
         raise ValueError("no proposal draw has a finite importance weight")

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from krflows.targets import Target, as_target
 
-__all__ = ["ModeSet", "find_modes"]
+__all__ = ["ModeSet", "find_modes", "mahalanobis"]
 
 _LOG_2PI = math.log(2 * math.pi)
 _STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 64, 1 / 256)  # Newton line search, one batch
@@ -96,7 +96,7 @@ class ModeSet:
         each in its own metric :math:`\Sigma_k = L_k L_k^\top`; returns ``(n, k)``."""
         x = self._points(x)
         tril = self.scale_trils
-        return torch.cat([_mahalanobis(chunk, self.locations, tril) for chunk in _chunks(x, len(self))])
+        return mahalanobis(x, self.locations, tril)
 
     def log_responsibilities(self, x: Tensor) -> Tensor:
         r"""Log posterior probabilities ``(n, k)`` of the modes under the Laplace mixture
@@ -145,16 +145,16 @@ class ModeSet:
         return x.to(self.locations)
 
 
-def _mahalanobis(x: Tensor, loc: Tensor, scale_tril: Tensor) -> Tensor:
-    """``|L_k^{-1}(x_i - mu_k)|`` of points ``(n, d)`` for modes ``(k, d)``, ``(k, d, d)``: ``(n, k)``."""
-    diff = (x[None] - loc[:, None]).mT  # (k, d, n)
-    return torch.linalg.solve_triangular(scale_tril, diff, upper=False).square().sum(1).sqrt().mT
-
-
-def _chunks(x: Tensor, k: int, budget: int = 2**22) -> tuple[Tensor, ...]:
-    """``x`` split along its first dim so that a ``(k, d, chunk)`` temporary stays near ``budget``."""
-    size = max(1, budget // max(1, k * x.shape[-1]))
-    return torch.split(x, size) if x.shape[0] else (x,)
+def mahalanobis(x: Tensor, loc: Tensor, scale_tril: Tensor, budget: int = 2**22) -> Tensor:
+    r"""Distances :math:`\lVert L_k^{-1}(x_i - \mu_k) \rVert`, ``(n, k)``, of points ``(n, d)``
+    to ``k`` centres ``loc`` ``(k, d)`` with metrics ``scale_tril`` ``(k, d, d)``; computed in
+    chunks of points so that the ``(k, d, chunk)`` temporary stays near ``budget`` elements."""
+    size = max(1, budget // max(1, loc.shape[0] * x.shape[-1]))
+    out = []
+    for chunk in (torch.split(x, size) if x.shape[0] else (x,)):
+        diff = (chunk[None] - loc[:, None]).mT  # (k, d, chunk)
+        out.append(torch.linalg.solve_triangular(scale_tril, diff, upper=False).square().sum(1).sqrt().mT)
+    return torch.cat(out)
 
 
 # =============================================================================================
@@ -399,9 +399,9 @@ def _infer_dim(target, flow, starts, box) -> int | None:
 
 
 def _flow_device(flow) -> torch.device | None:
-    base = getattr(flow, "base", None)
-    if base is not None:
-        return base.mean.device
+    device = getattr(flow, "device", None)  # KRFlow's public door; other flows: their parameters
+    if device is not None:
+        return device
     params = list(flow.parameters()) if hasattr(flow, "parameters") else []
     return params[0].device if params else None
 

@@ -8,7 +8,7 @@ from torch.distributions import Transform, constraints
 
 from krflows.transforms.base import TriangularTransform
 
-__all__ = ["LowerAffineTransform", "AffineMatrixTransform"]
+__all__ = ["LowerAffineTransform", "AffineMatrixTransform", "affine_parts"]
 
 
 class LowerAffineTransform(TriangularTransform):
@@ -65,3 +65,13 @@ class AffineMatrixTransform(Transform):
 
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
         return self._logdet.expand(z.shape[:-1])
+
+
+def affine_parts(T: Transform) -> tuple[Tensor, Tensor]:
+    """``(b, A)`` of an affine map ``z -> b + A z`` (:class:`LowerAffineTransform` or
+    :class:`AffineMatrixTransform`)."""
+    if isinstance(T, LowerAffineTransform):
+        return T.shift, T.tril
+    if isinstance(T, AffineMatrixTransform):
+        return T.shift, T.matrix
+    raise ValueError(f"T must be a LowerAffineTransform or AffineMatrixTransform, got {type(T).__name__}")
