@@ -214,6 +214,10 @@ class KRFlowModule(L.LightningModule):
     def _restore_flow(self, checkpoint: dict) -> None:
         """Rebuilds the flow a checkpoint was trained with when it was injected (it is not in
         the hyperparameters), before the weights are loaded into it."""
+        if "target" not in checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY, {}) and "target" in self.hparams:
+            warnings.warn(f"this checkpoint was trained on an injected target object, which it does not "
+                          f"store; the module now has target={self.hparams.target!r}: pass the target "
+                          f"again, KRFlowModule.load_from_checkpoint(path, target=...)", stacklevel=2)
         if "flow" not in self.hparams:
             return  # a flow was passed in again: its weights must fit
         if "krflows_flow" in checkpoint and checkpoint["krflows_flow"] is None:
@@ -223,10 +227,6 @@ class KRFlowModule(L.LightningModule):
         config = checkpoint.get("krflows_flow")
         if config is not None and _flow_config_or_none(self.flow) != config:
             self.flow = flow_from_config(config, device=self.flow.device)
-        if "target" not in checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY, {}) and "target" in self.hparams:
-            warnings.warn(f"this checkpoint was trained on an injected target object, which it does not "
-                          f"store; the module now has target={self.hparams.target!r}: pass the target "
-                          f"again, KRFlowModule.load_from_checkpoint(path, target=...)", stacklevel=2)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["krflows_flow"] = _flow_config_or_none(self.flow)

@@ -1,5 +1,7 @@
 """krflows.save / krflows.load (config + weights, safe loading); Lightning checkpoints of injected flows."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -162,8 +164,12 @@ def test_checkpoint_with_injected_target_warns_unless_passed_again(tmp_path):
     path = fit_and_checkpoint(module, tmp_path)
     with pytest.warns(UserWarning, match="injected target object.*target=..."):
         KRFlowModule.load_from_checkpoint(path)
-    loaded = KRFlowModule.load_from_checkpoint(path, target=target)
-    assert loaded.target is target or loaded.target.dim == 2
+    with pytest.warns(UserWarning, match="injected target object"):  # with the flow passed again too
+        KRFlowModule.load_from_checkpoint(path, flow=krflows.KRFlow(2, layers=1, hidden=(8,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = KRFlowModule.load_from_checkpoint(path, target=target)
+    assert loaded.target.dim == 2
     assert_same_flow(module.flow, loaded.flow)
 
 
