@@ -164,8 +164,13 @@ class KRFlow(nn.Module):
     def _to_user_order(self, y: Tensor) -> Tensor:
         return y if self.order is None else Permutation(self.order)(y)
 
-    def forward(self, z: Tensor) -> Tensor:
-        """``x = T(z)``."""
+    def forward(self, z: Tensor | None = None) -> Tensor | torch.distributions.Distribution:
+        """``x = T(z)``; without ``z``, the flow's law as a torch and Pyro distribution
+        (:class:`~krflows.distribution.FlowDistribution`, zuko's ``flow()``)."""
+        if z is None:
+            from krflows.distribution import FlowDistribution
+
+            return FlowDistribution(self)
         return self._to_user_order(self.triangular(check_points(z, self.dim, self._ref, "z")))
 
     def inverse(self, x: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from krflows.flows import KRFlow
 from krflows.importance import check_nan_policy
+from krflows.io import flow_config, flow_from_config
 from krflows.objectives import Batch, reverse_kl
 from krflows.targets import Target, as_target, get_target
 from krflows.train import adam_cosine, default_warmup, finite_grads, temperature, warm_up, warn_dropped
@@ -49,7 +50,11 @@ class KRFlowModule(L.LightningModule):
     the flow by family, layers and widths; its dimension is the target's. An injected flow
     wins over ``family``/``layers``/``hidden``/``family_options``. Injected objects are
     not saved as hyperparameters; a module built from configuration values is restored by
-    ``KRFlowModule.load_from_checkpoint(path)``.
+    ``KRFlowModule.load_from_checkpoint(path)``, and so is one with an injected flow: the
+    checkpoint records the flow's configuration (:func:`krflows.io.flow_config`) and the
+    flow is rebuilt from it before its weights are loaded (a flow with a custom family is
+    passed again, ``load_from_checkpoint(path, flow=flow)``). An injected target object is
+    not recorded: pass it again (``target=...``); loading without it warns.
 
     Each step: ``β = temperature(t, max_steps, anneal, beta0)``, one
     :func:`~krflows.objectives.reverse_kl` batch, Adam with a cosine schedule (to ``lr / 20``
@@ -206,11 +211,30 @@ class KRFlowModule(L.LightningModule):
 
     # ---- checkpoints: counters and the warm-up flag ----------------------------------------
 
+    def _restore_flow(self, checkpoint: dict) -> None:
+        """Rebuilds the flow a checkpoint was trained with when it was injected (it is not in
+        the hyperparameters), before the weights are loaded into it."""
+        if "target" not in checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY, {}) and "target" in self.hparams:
+            warnings.warn(f"this checkpoint was trained on an injected target object, which it does not "
+                          f"store; the module now has target={self.hparams.target!r}: pass the target "
+                          f"again, KRFlowModule.load_from_checkpoint(path, target=...)", stacklevel=2)
+        if "flow" not in self.hparams:
+            return  # a flow was passed in again: its weights must fit
+        if "krflows_flow" in checkpoint and checkpoint["krflows_flow"] is None:
+            raise ValueError("this checkpoint's flow was injected with a custom family, which a checkpoint "
+                             "does not record: build the flow again and pass it, "
+                             "KRFlowModule.load_from_checkpoint(path, flow=flow)")
+        config = checkpoint.get("krflows_flow")
+        if config is not None and _flow_config_or_none(self.flow) != config:
+            self.flow = flow_from_config(config, device=self.flow.device)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["krflows_flow"] = _flow_config_or_none(self.flow)
         checkpoint["krflows"] = {"dropped": self.dropped, "skipped": self.skipped,
                                  "warmed_up": self._warmed_up}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restore_flow(checkpoint)
         state = checkpoint.get("krflows", {})
         self.dropped = int(state.get("dropped", 0))
         self.skipped = int(state.get("skipped", 0))
@@ -228,6 +252,14 @@ class _Steps(IterableDataset):
 
     def __len__(self) -> int:
         return self.n
+
+
+def _flow_config_or_none(flow) -> dict | None:
+    """The flow's :func:`~krflows.io.flow_config`, or ``None`` where it has none (a custom family)."""
+    try:
+        return flow_config(flow)
+    except ValueError:
+        return None
 
 
 def _seed_of(*entropy: int) -> int:

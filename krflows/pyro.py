@@ -321,6 +321,16 @@ class _OnePassTransform(Transform):
         return self.inner.log_abs_det_jacobian(z, x)
 
 
+def _elementwise_sign(bijection: Transform) -> Tensor | None:
+    """``+1``/``-1`` (a number or per element) for an elementwise monotone bijection, else ``None``."""
+    if bijection.domain.event_dim != 0 or bijection.codomain.event_dim != 0:
+        return None
+    try:
+        return torch.as_tensor(bijection.sign)
+    except NotImplementedError:
+        return None
+
+
 class AutoKRFlow(AutoContinuous):
     r"""An autoguide whose posterior over the flat unconstrained latent is a :class:`~krflows.KRFlow`.
 
@@ -352,7 +362,16 @@ class AutoKRFlow(AutoContinuous):
     estimate, so ``potential`` raises ``ValueError`` for such a model: build the full-data
     potential with :func:`potential_from_model` for IMH, SIR, ``diagnose`` and the like.
     Latent sites inside a subsampled plate are not supported (``ValueError``).
+
+    Summaries: :meth:`median` and :meth:`quantiles` are computed from the flow and are the
+    same on every call (exact for the leading latent coordinate, fixed quasi-random draws for
+    the others). Saving: ``pyro.get_param_store().save(path)``; a guide built with the same
+    options then takes the flow back from a loaded store (on its first call, or on the next
+    call or summary if the store is loaded later), and refuses a store whose flow does not fit.
     """
+
+    #: fixed quasi-random draws behind :meth:`quantiles` and :meth:`median` (a power of 2)
+    quantile_draws: int = 2**15
 
     def __init__(self, model: Callable, family: str = "spline", layers: int = 2,
                  hidden: Sequence[int] = (32, 32), init_scale: float = 0.1,
@@ -386,7 +405,8 @@ class AutoKRFlow(AutoContinuous):
         names = [name for name, _ in self.prototype_trace.iter_stochastic_nodes()]
         assert names == potential.site_names, f"site order differs: {names} vs {potential.site_names}"
         flow = KRFlow(self.latent_dim, **self._flow_args).to(potential.dtype)
-        if flow.affine is not None:
+        restored = self._sync_param_store(flow)  # a loaded param store wins (or fails loudly)
+        if flow.affine is not None and not restored:
             loc = self._init_loc().to(potential.dtype)
             flow.affine.initialize(loc, self._init_scale ** 2 * torch.eye(self.latent_dim).to(loc))
             if self._warmup > 0:
@@ -400,16 +420,125 @@ class AutoKRFlow(AutoContinuous):
 
     def get_transform(self, *args, **kwargs) -> Transform:
         """The flow's map ``z -> x`` onto the flat unconstrained latent."""
+        self._sync_param_store(self._modules["flow"])  # (not self.flow: that registers it first)
         return _OnePassTransform(self.flow.triangular)
 
     def get_posterior(self, *args, **kwargs):
         if self.flow is None:
             raise RuntimeError("AutoKRFlow has no flow yet: call the guide once (e.g. one SVI step)")
-        return dist.TransformedDistribution(self.get_base_dist(), [self.get_transform()])
+        transform = self.get_transform()  # first: it takes in a param store loaded meanwhile
+        return dist.TransformedDistribution(self.get_base_dist(), [transform])
+
+    def _sync_param_store(self, flow: KRFlow) -> bool:
+        """Makes the flow use what Pyro's param store holds under its name; ``True`` if it
+        copied values in (a store loaded from a file, or set, after or before the guide).
+
+        ``pyro.module`` alone keeps the module's own tensors when the store already has the
+        names, so a loaded store would be silently ignored (and SVI would then optimize
+        tensors the flow does not use). Here the store's values go into the flow's parameters
+        and the store then holds those parameters again. Entries that do not fit the flow
+        (other names or shapes: a guide built with other options) raise ``ValueError``.
+        """
+        from pyro.params.param_store import param_with_module_name
+
+        store, name = pyro.get_param_store(), self._pyro_get_fullname("flow")
+        prefix = param_with_module_name(name, "")
+        stored = {key[len(prefix):]: key for key in store.keys() if key.startswith(prefix)}
+        if not stored:
+            return False  # nothing stored yet: pyro.module registers the flow on first access
+        params = dict(flow.named_parameters())
+        unexpected = sorted(set(stored) - set(params))
+        shapes = [f"{n}: {tuple(store[key].shape)} stored vs {tuple(params[n].shape)}"
+                  for n, key in stored.items() if n in params and store[key].shape != params[n].shape]
+        foreign = [n for n, key in stored.items() if n in params and store[key] is not params[n]]
+        # trainable parameters not stored yet are fine while the store holds the flow's own ones
+        missing = sorted(n for n, p in params.items() if foreign and p.requires_grad and n not in stored)
+        if missing or unexpected or shapes:
+            raise ValueError(f"Pyro's param store holds a flow under {name!r} that does not fit this "
+                             f"guide's flow (missing {missing[:3]}, unexpected {unexpected[:3]}, shapes "
+                             f"{shapes[:3]}): build the guide with the options it was trained with "
+                             f"(transform, layers, hidden, flow options) and the same model, or "
+                             f"pyro.clear_param_store()")
+        with torch.no_grad():
+            for n in foreign:
+                key, p = stored[n], params[n]
+                p.copy_(store[key])
+                del store[key]
+                store[key] = p  # the store holds the flow's own parameter again
+        return bool(foreign)
+
+    @torch.no_grad()
+    def quantiles(self, quantiles: Sequence[float] | Tensor, *args, **kwargs) -> dict[str, Tensor]:
+        r"""Posterior quantiles of every latent site, ``{name: (Q, *site shape)}``, deterministic.
+
+        Computed from the flow on the unconstrained latent (:func:`krflows.distribution.marginal_quantiles`):
+
+        * the **leading** latent coordinate (the first coordinate of the first site) is
+          exact, :math:`T_1(\Phi^{-1}(q))`, since ``T_1`` depends on ``z_1`` alone;
+        * every other coordinate is the quantile of :attr:`quantile_draws` fixed
+          quasi-random draws of the flow (scrambled Sobol, seed 0): the same on every call,
+          with a quasi-Monte Carlo error.
+
+        A site whose bijection ``biject_to(support)`` acts elementwise and monotonically
+        (positive, interval, ``less_than``, ...) gets the image of the latent quantiles,
+        exact for monotone maps (level ``1 - q`` where the map decreases, which Pyro's
+        :class:`~pyro.infer.autoguide.AutoContinuous` misses). Other sites (simplex, ordered,
+        correlation matrices, ...) get the per-element quantiles of the same fixed draws
+        mapped to the site, not the image of a latent quantile vector (which would not be
+        the site's quantiles). ``args``/``kwargs`` are the model's and unused.
+
+        Arguments:
+            quantiles: levels in ``(0, 1)``, e.g. ``[0.05, 0.5, 0.95]``.
+
+        Returns:
+            ``{site name: tensor of shape (Q, *site shape)}`` (constrained values).
+
+        Example:
+            >>> def model():
+            ...     pyro.sample("s", dist.LogNormal(0.0, 1.0))
+            ...     pyro.sample("m", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            >>> pyro.clear_param_store()
+            >>> guide = AutoKRFlow(model, layers=1, hidden=(8,), warmup=0)
+            >>> _ = guide()  # builds the flow (then train it, e.g. with SVI)
+            >>> q = guide.quantiles([0.05, 0.5, 0.95])
+            >>> q["s"].shape, q["m"].shape, bool(torch.equal(q["m"], guide.quantiles([0.05, 0.5, 0.95])["m"]))
+            (torch.Size([3]), torch.Size([3, 2]), True)
+        """
+        from krflows.distribution import check_levels, marginal_quantiles, quasi_reference, sample_quantiles
+
+        flow = self._trained_flow()
+        levels = check_levels(quantiles, flow.dtype, flow.device)
+        draws = flow(quasi_reference(self.quantile_draws, flow.dim, 0, flow.dtype, flow.device))
+        Q = levels.shape[0]
+        latent = marginal_quantiles(flow, torch.cat([levels, 1 - levels]), samples=draws)
+        images = self._potential.unpack(latent)  # each site's map of the latent quantiles
+        values = self._potential.unpack(draws)
+        result = {}
+        for name, image in images.items():
+            sign = _elementwise_sign(biject_to(self.prototype_trace.nodes[name]["fn"].support))
+            if sign is None:
+                result[name] = sample_quantiles(values[name], levels)
+            else:
+                result[name] = torch.where(sign.to(image.device) > 0, image[:Q], image[Q:])
+        return result
+
+    def median(self, *args, **kwargs) -> dict[str, Tensor]:
+        """Posterior medians of the latent sites, ``{name: (*site shape)}``: :meth:`quantiles` at 0.5
+        (deterministic; exact for the leading latent coordinate)."""
+        return {name: q[0] for name, q in self.quantiles([0.5], *args, **kwargs).items()}
+
+    def _trained_flow(self) -> KRFlow:
+        if self.flow is None:
+            raise RuntimeError("AutoKRFlow has no flow yet: call the guide once (e.g. one SVI step)")
+        self._sync_param_store(self.flow)
+        return self.flow
 
     @torch.no_grad()
     def _loc_scale(self, *args, **kwargs):
-        x = self.flow.sample((2000,))  # Monte-Carlo moments: the flow has no closed form
+        from krflows.distribution import quasi_reference
+
+        flow = self._trained_flow()  # moments of the fixed quasi-random draws
+        x = flow(quasi_reference(self.quantile_draws, flow.dim, 0, flow.dtype, flow.device))
         return x.mean(0), x.std(0)
 
     def debias(self, *args, n: int = 20000, modes="search", seed: int | None = None, **kwargs):
