@@ -18,7 +18,7 @@ __all__ = ["KRFlow", "fit", "diagnose", "diagnostics", "exact", "objectives", "t
 
 # Submodules with heavy imports (Pyro, Lightning, POT) load on first access:
 # ``krflows.pyro.AutoKRFlow`` works after a plain ``import krflows``.
-_LAZY = ("pyro", "lightning", "callbacks", "cli", "ot", "plot")
+_LAZY = ("pyro", "lightning", "callbacks", "cli", "ot", "plot", "distribution")
 
 
 def __getattr__(name: str):
