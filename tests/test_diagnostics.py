@@ -285,8 +285,8 @@ def test_seed_reproducible_and_global_rng_untouched(gauss_target):
     a = krflows.diagnose(flow, gauss_target, n=500, seed=11, n_sub=100)
     b = krflows.diagnose(flow, gauss_target, n=500, seed=11, n_sub=100)
     assert torch.equal(state, torch.get_rng_state())
-    assert {k: v for k, v in a.scalars().items() if k != "seconds"} == \
-        {k: v for k, v in b.scalars().items() if k != "seconds"}
+    assert {k: v for k, v in a.scalars().items() if not k.endswith("seconds")} == \
+        {k: v for k, v in b.scalars().items() if not k.endswith("seconds")}  # wall times differ
 
 
 def test_bad_inputs_raise_clear_errors(gauss_target):
@@ -389,3 +389,55 @@ def test_old_sinkhorn_name_is_deprecated():
     with pytest.warns(DeprecationWarning, match="sharp_sinkhorn_divergence"):
         old = diagnostics.sinkhorn_divergence(x, x + 1, reg=0.1)
     assert old == diagnostics.sharp_sinkhorn_divergence(x, x + 1, 0.1)
+
+
+# ---- the mode search: missed modes without reference samples ------------------------------------
+
+def test_mode_search_finds_the_mode_a_flow_misses_on_a_plain_callable():
+    """Truth: a 0.3/0.7 mixture 8 sd apart, log Z = 0; the flow is exactly the 0.7 component."""
+    mixture = targets.Bimodal2D(separation=8.0, weights=[0.3, 0.7], dtype=torch.float64)
+    log_z = float(mixture.log_z)
+    flow = gaussian_flow([4.0, 0.0], [[1.0, 0.0], [0.0, 1.0]])
+    r = krflows.diagnose(flow, lambda x: mixture.log_prob(x), n=N, seed=0, n_sub=SUB)
+    assert "missing_modes" not in r  # a plain callable: the truth is unknown to the report
+    assert r["n_modes_found"] == 2 and r["n_missed_modes"] == 1
+    (missed,) = r["missed_modes"]
+    assert missed["location"] == pytest.approx([-4.0, 0.0], abs=1e-4)
+    assert missed["expected_mass"] == pytest.approx(0.3, abs=1e-3)
+    assert missed["flow_mass"] == 0.0 and missed["negative_definite"]
+    assert r["missed_mass"] == pytest.approx(0.3, abs=1e-3)
+    # the flow's log Z is log 0.7 + log Z; the implied bias is the truth's log(1 / 0.7)
+    assert r["log_z"] - log_z == pytest.approx(math.log(0.7), abs=0.01)
+    assert r["log_z_missed_bias"] == pytest.approx(-math.log(0.7), abs=0.01)
+    assert r["verdict"].startswith("the flow misses 1 mode found by a mode search: at [-4, 0]")
+    assert "log Z is underestimated by ≈0.36 nats" in r["verdict"]
+    assert r.scalars()["n_missed_modes"] == 1.0
+    assert "missed at [-4, 0]" in r.to_text()
+
+
+def test_mode_search_does_not_cry_wolf_on_a_covered_mode(gauss_target):
+    r = krflows.diagnose(gaussian_flow(MEAN, COV), gauss_target.log_prob, n=N, seed=0, n_sub=SUB)
+    assert r["n_modes_found"] == 1 and r["n_missed_modes"] == 0 and r["missed_modes"] == []
+    assert r["verdict"].startswith("no problems detected")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kwargs", [("banana", {}), ("funnel", {"dim": 10})])
+def test_mode_search_no_false_alarm_on_fitted_unimodal_flows(name, kwargs):
+    torch.manual_seed(0)
+    target = targets.get_target(name, **kwargs)
+    flow = KRFlow(target.dim)
+    krflows.fit(flow, target, steps=300, batch_size=256)
+    r = krflows.diagnose(flow, target.log_prob, n=N, seed=0, n_sub=SUB)
+    assert r["n_missed_modes"] == 0, r["missed_modes"]
+
+
+def test_mode_search_can_be_given_or_skipped(gauss_target):
+    flow = gaussian_flow(MEAN, COV)
+    r = krflows.diagnose(flow, gauss_target, n=500, seed=0, n_sub=100, modes=None)
+    assert "n_modes_found" not in r and "missed_modes" not in r
+    modes = krflows.find_modes(gauss_target, flow, seed=0)
+    r = krflows.diagnose(flow, gauss_target, n=500, seed=0, n_sub=100, modes=modes)
+    assert r["n_modes_found"] == 1 and r["n_missed_modes"] == 0
+    with pytest.raises(ValueError, match="modes must be 'search', a ModeSet or None"):
+        krflows.diagnose(flow, gauss_target, n=500, modes="all")

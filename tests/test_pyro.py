@@ -307,6 +307,9 @@ def test_autokrflow_eight_schools_gets_the_scale():
     assert abs(float(mu.mean()) - SCHOOLS_MU) < 0.5 * SCHOOLS_MU_SD, float(mu.mean())
     assert 0.7 * SCHOOLS_MU_SD < float(mu.std()) < 1.3 * SCHOOLS_MU_SD, float(mu.std())
     assert 2.0 < float(tau.mean()) < 5.5, float(tau.mean())  # reference 3.6 ± 3.2: heavy tail
+    # the mode search on the potential finds one maximum, covered: no false alarm
+    report = krflows.diagnose(guide.flow, guide.potential, n=4000, seed=0, n_sub=200)
+    assert report["n_modes_found"] >= 1 and report["n_missed_modes"] == 0, report["missed_modes"]
 
 
 # ---- more constraints: an ordered vector; NeuTra on plated sites ----------------------------

@@ -1,20 +1,25 @@
-r"""Mode statistics: the flow's mode weights against the truth, missing modes, valley mass.
+r"""Mode statistics: the flow's mode weights against the truth, missing modes, valley mass, and
+the modes a search finds that the flow misses.
 
-Pure functions of tensors, and :func:`mode_stats`, the stage of :func:`~krflows.diagnose` that
+Pure functions of tensors, and two stages of :func:`~krflows.diagnose`: :func:`mode_stats`
 applies them to a target that knows its modes (``weights`` and ``assign``, optionally ``modes``
-and, in 1-D, a ``gap`` where the density is zero).
+and, in 1-D, a ``gap`` where the density is zero); :func:`mode_search` needs nothing of the
+target but its log density (:func:`~krflows.find_modes`, then :func:`missed_modes`).
 """
 
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = ["MISSING_RATIO", "MISSING_MIN_EXPECTED", "mode_weights", "total_variation", "missing_modes",
-           "valley_mask", "proportion", "ModeStats", "mode_stats"]
+           "valley_mask", "proportion", "ModeStats", "mode_stats", "MissedModes", "missed_modes",
+           "mode_search"]
 
 MISSING_RATIO, MISSING_MIN_EXPECTED = 0.1, 20.0
 
@@ -196,3 +201,106 @@ def mode_stats(target, x: Tensor, log_p: Tensor, y: Tensor | None, log_p_y: Tens
             mask = valley_mask(y, log_p_y, target.assign(y), modes, log_p_modes, level)
             out.true_valley_mass, out.true_valley_mass_se = proportion(mask)
     return out
+
+
+# =============================================================================================
+# modes the flow missed, found by a search (no reference samples, no known modes needed)
+
+MISSED_MIN_MASS = 0.01  # a found mode matters if its Laplace mass is at least this fraction
+MISSED_FLOW_SHARE = 0.1  # missed: the flow gives it less than this share of that mass ...
+MISSED_LOG_RATIO = math.log(10.0)  # ... and its density at the mode is over 10x too low
+
+
+@dataclass
+class MissedModes:
+    """What a mode search says of the flow (the report's keys): the modes it (almost) drops."""
+
+    n_modes_found: int
+    missed_modes: list[dict]
+    n_missed_modes: int
+    missed_mass: float
+    log_z_missed_bias: float
+    mode_search_seconds: float
+
+
+def missed_modes(modes, x: Tensor, log_q_modes: Tensor, log_z: float, *,
+                 min_mass: float = MISSED_MIN_MASS, flow_share: float = MISSED_FLOW_SHARE,
+                 log_ratio: float = MISSED_LOG_RATIO, seconds: float = 0.0) -> MissedModes:
+    r"""The found modes that the flow gives (almost) no mass to, and the bias that implies.
+
+    For each mode :math:`\mu_k` of a :class:`~krflows.correct.ModeSet` with Laplace mass
+    :math:`M_k`, compare what the flow should put there with what it does, where
+    :math:`\hat Z` is the flow's importance-sampling estimate (which counts only the modes
+    the flow visits):
+
+    * the expected share :math:`e_k = M_k / (\hat Z + M_k)`, which matters if :math:`e_k \ge`
+      ``min_mass``;
+    * the flow's share :math:`\hat q_k`: the fraction of its samples ``x`` that
+      :meth:`~krflows.correct.ModeSet.assign` gives to mode ``k`` within the Mahalanobis radius
+      of 99.9 % of a Gaussian mode;
+    * the density ratio :math:`r_k = \log\tilde p(\mu_k) - \log\hat Z - \log q(\mu_k)`, about 0
+      where the flow covers the mode with its right weight.
+
+    Mode ``k`` is missed iff :math:`e_k \ge` ``min_mass``, :math:`\hat q_k <` ``flow_share``
+    :math:`\cdot e_k` and :math:`r_k >` ``log_ratio``: two independent signs (samples and
+    density) must agree, so a covered but non-Gaussian mode (a banana, a funnel's neck, whose
+    Laplace mass is a poor guess) does not raise a false alarm. With missed masses
+    :math:`M_m`, the flow's :math:`\log \hat Z` underestimates :math:`\log Z` by about
+    :math:`\log(1 + \sum_m M_m / \hat Z)` (``log_z_missed_bias``), and the missed fraction of
+    the target is :math:`\sum_m M_m / (\hat Z + \sum_m M_m)` (``missed_mass``).
+
+    Arguments:
+        modes: a :class:`~krflows.correct.ModeSet` (e.g. from :func:`~krflows.find_modes`).
+        x: flow samples ``(n, d)``.
+        log_q_modes: the flow's :math:`\log q(\mu_k)`, ``(k,)``.
+        log_z: :math:`\log \hat Z` from the flow's importance weights.
+
+    Returns:
+        :class:`MissedModes`; each entry of ``missed_modes`` is a dict with ``location``,
+        ``log_density``, ``log_mass``, ``expected_mass`` (:math:`e_k`), ``flow_mass``
+        (:math:`\hat q_k`), ``log_density_ratio`` (:math:`r_k`) and ``negative_definite``.
+    """
+    from scipy.stats import chi2  # a dependency already (quadrature oracles, exact maps)
+
+    k = len(modes)
+    if k == 0:
+        return MissedModes(0, [], 0, 0.0, 0.0, seconds)
+    radius = math.sqrt(chi2.ppf(0.999, modes.dim))
+    flow_mass = modes.mass(x, radius=radius)
+    log_mass = modes.log_mass.double().cpu()
+    expected = torch.exp(log_mass - torch.logaddexp(log_mass, torch.tensor(float(log_z)).double()))
+    ratio = modes.log_density.double().cpu() - float(log_z) - log_q_modes.double().cpu()
+    missed = (expected >= min_mass) & (flow_mass.cpu() < flow_share * expected) & (ratio > log_ratio)
+    rows = [{"location": modes.locations[j].tolist(), "log_density": float(modes.log_density[j]),
+             "log_mass": float(log_mass[j]), "expected_mass": float(expected[j]),
+             "flow_mass": float(flow_mass[j]), "log_density_ratio": float(ratio[j]),
+             "negative_definite": bool(modes.negative_definite[j])}
+            for j in torch.nonzero(missed).reshape(-1).tolist()]
+    if not rows:
+        return MissedModes(k, [], 0, 0.0, 0.0, seconds)
+    log_missed = torch.logsumexp(log_mass[missed], 0)
+    bias = float(torch.logaddexp(torch.tensor(0.0).double(), log_missed - float(log_z)))
+    frac = float(torch.exp(log_missed - torch.logaddexp(log_missed, torch.tensor(float(log_z)).double())))
+    return MissedModes(k, rows, len(rows), frac, bias, seconds)
+
+
+def mode_search(flow, target, x: Tensor, log_z: float, modes="search", options: dict | None = None
+                ) -> MissedModes | None:
+    """The stage of :func:`~krflows.diagnose`: :func:`~krflows.find_modes` started from the
+    flow (unless ``modes`` is a given ModeSet, or ``None``: skipped), then :func:`missed_modes`."""
+    if modes is None or not math.isfinite(log_z):
+        return None
+    # imported here: krflows.correct builds on the diagnostics' estimators
+    from krflows.correct.modes import ModeSet, find_modes
+
+    start = time.perf_counter()
+    if isinstance(modes, str):
+        if modes != "search":
+            raise ValueError(f"modes must be 'search', a ModeSet or None, got {modes!r}")
+        with warnings.catch_warnings():  # e.g. "no maximum found": the report says 0 modes found
+            warnings.simplefilter("ignore", RuntimeWarning)
+            modes = find_modes(target, flow, **(options or {}))
+    elif not isinstance(modes, ModeSet):
+        raise ValueError(f"modes must be 'search', a ModeSet or None, got {type(modes).__name__}")
+    log_q = flow.log_prob(modes.locations.to(x)) if len(modes) else torch.zeros(0)
+    return missed_modes(modes, x, log_q, log_z, seconds=time.perf_counter() - start)

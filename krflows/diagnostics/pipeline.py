@@ -21,7 +21,7 @@ from torch import Tensor
 
 from krflows.diagnostics.conditioning import conditioning
 from krflows.diagnostics.distances import distances
-from krflows.diagnostics.modes import mode_stats
+from krflows.diagnostics.modes import mode_search, mode_stats
 from krflows.diagnostics.report import Report, entries_doc, problems, verdict
 from krflows.diagnostics.weights import (
     evidence,
@@ -40,7 +40,7 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
              functions: dict[str, Callable[[Tensor], Tensor]] | None = None,
              seed: int | None = None, *, n_exact: int | None = None, n_sub: int = 1000,
              n_inverse: int = 1000, valley_level: float = 0.01, max_modes: int = 256,
-             nan: str = "error") -> Report:
+             nan: str = "error", modes="search", mode_options: dict | None = None) -> Report:
     r"""How biased is ``flow`` as an approximation of ``target``? The assembled bias report.
 
     Draws ``n`` samples :math:`x_i \sim q` of the flow (in one pass, keeping ``z`` and the
@@ -53,12 +53,20 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
 
 {entries}
 
+    The mode search (``modes="search"``, the default) needs neither reference samples nor a
+    target that knows its modes: :func:`~krflows.find_modes` started from the flow's samples
+    (and a box around them) finds the target's local maxima with Laplace masses, and
+    :func:`~krflows.diagnostics.modes.missed_modes` lists those the flow gives (almost) no
+    mass to, with the bias that implies for log Z. This is what sees a dropped mode of a real
+    posterior, where ESS and :math:`\hat k` cannot.
+
     The verdict lists, most serious first: dropped samples; flow mass where :math:`\tilde p = 0`;
-    missing modes (and their mass); mode TV > 0.05; valley mass above twice the target's;
-    forward ESS < 0.5 (saying so when the forward weights' :math:`\hat k` > 0.7 makes it
-    unreliable); EUBO − ELBO above 10 nats beyond three standard errors (target draws where
-    the flow's density is almost zero); :math:`\hat k` > 0.7 (unreliable) or > 0.5; ESS < 0.05; both sample
-    distances above 3x their floor; a large inverse residual. Else "no problems detected".
+    modes the search found that the flow misses (with their mass and the implied log Z bias);
+    missing modes of a target that knows them (and their mass); mode TV > 0.05; valley mass
+    above twice the target's; forward ESS < 0.5 (saying so when the forward weights'
+    :math:`\hat k` > 0.7 makes it unreliable); EUBO − ELBO above 10 nats beyond three
+    standard errors (target draws where the flow's density is almost zero); :math:`\hat k` > 0.7
+    (unreliable) or > 0.5; ESS < 0.05; both sample distances above 3x their floor; a large inverse residual. Else "no problems detected".
 
     Arguments:
         flow: a :class:`~krflows.KRFlow`.
@@ -77,6 +85,10 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
         nan: what a NaN log density of the target means (:mod:`krflows.importance`):
             ``"error"`` (default) raises :class:`~krflows.objectives.NonFiniteTargetError`,
             ``"zero"`` reads it as zero density (counted in ``frac_zero_density``).
+        modes: ``"search"`` (default: :func:`~krflows.find_modes` from the flow), a
+            :class:`~krflows.correct.ModeSet` found earlier, or ``None`` (no mode search).
+        mode_options: keyword arguments of :func:`~krflows.find_modes` (e.g. ``box``,
+            ``starts``, ``n_starts``).
 
     Example:
         >>> from krflows import KRFlow, targets
@@ -92,7 +104,7 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
         if seed is not None:
             torch.manual_seed(seed)
         return _diagnose(flow, target, n, reference, functions or {}, seed, n_exact or n,
-                         n_sub, n_inverse, valley_level, max_modes, nan)
+                         n_sub, n_inverse, valley_level, max_modes, nan, modes, mode_options)
 
 
 diagnose.__doc__ = diagnose.__doc__.replace("{entries}", entries_doc())
@@ -174,7 +186,7 @@ def _fields(stage) -> dict:
 
 
 def _diagnose(flow, target, n, reference, functions, seed, n_exact, n_sub, n_inverse,
-              valley_level, max_modes, nan) -> Report:
+              valley_level, max_modes, nan, modes, mode_options) -> Report:
     start = time.perf_counter()
     fs, z, log_diag = _flow_samples(flow, target, n, nan)
     rev = evidence(fs.log_w, target.log_z, fs.tol)
@@ -184,7 +196,8 @@ def _diagnose(flow, target, n, reference, functions, seed, n_exact, n_sub, n_inv
     log_p_y = None if ts is None else ts.log_p
     stages = [rev, fwd, mode_stats(target, fs.x, fs.log_p, y, log_p_y, valley_level, max_modes),
               None if y is None else distances(fs.x, y, n_sub, seed),
-              conditioning(flow, target, fs.x, z, log_diag, y, n_inverse)]
+              conditioning(flow, target, fs.x, z, log_diag, y, n_inverse),
+              mode_search(flow, target, fs.x, rev.log_z, modes, mode_options)]
     e = {**fs.counts, **({} if ts is None else ts.counts)}
     for stage in stages:
         e.update(_fields(stage))

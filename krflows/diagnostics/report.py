@@ -106,6 +106,19 @@ LAYOUT: tuple[Entry, ...] = (
           ":func:`missing_modes`"),
     Entry("missing_mass", "missing mass", _MODES, None, "fraction", "target mass of the missing modes",
           "their target mass"),
+    Entry("n_modes_found", "modes found by search", _MODES, None, "", "find_modes from the flow",
+          "distinct local maxima of p~ found by :func:`~krflows.find_modes` (``modes='search'``)"),
+    Entry("n_missed_modes", "modes the flow misses", _MODES, None, "",
+          "Laplace mass >= 1%, flow share < 0.1 x, density > 10x too low",
+          "found modes the flow gives (almost) no mass (:func:`~krflows.diagnostics.modes.missed_modes`)",
+          headline="missed modes"),
+    Entry("missed_mass", "missed mass (Laplace)", _MODES, None, "fraction",
+          "of the target, by the modes' Laplace masses", "the target's mass in the missed modes"),
+    Entry("log_z_missed_bias", "log Z underestimated by", _MODES, None, "nats",
+          "log(1 + sum M_missed / Z_IS)", "the implied bias of the flow's log Z"),
+    Entry("missed_modes", "missed modes", doc="one dict per missed mode: ``location``, ``log_density``, "
+          "``log_mass``, ``expected_mass``, ``flow_mass``, ``log_density_ratio``, ``negative_definite``"),
+    Entry("mode_search_seconds", "mode search seconds", unit="s", doc="wall time of the mode search"),
     Entry("valley_definition", "valley", doc="what the valley is: the gap of a 1-D target with a "
           "``gap``, else :func:`valley_mask` with ``level = valley_level`` (``modes``, 2 <= K <= max_modes)"),
     Entry("valley_mass", "valley mass, flow", _MODES, "valley_mass_se", "fraction",
@@ -175,6 +188,8 @@ def problems(e: Mapping, scale: float) -> list[str]:
     if e.get("frac_zero_density", 0) > 0:
         out.append(f"{100 * e['frac_zero_density']:.2g}% of the flow's samples fall where the "
                    f"target density is zero (ELBO = -inf)")
+    if e.get("missed_modes") and not e.get("missing_modes"):
+        out.append(_missed_message(e))
     if e.get("missing_modes"):
         idx = e["missing_modes"]
         which = f"mode {idx[0]}" if len(idx) == 1 else f"modes {_fmt(idx)}"
@@ -224,6 +239,19 @@ def problems(e: Mapping, scale: float) -> list[str]:
         out.append(f"inverse residual {e['inverse_residual_max']:.2g}: log q at given points "
                    f"(EUBO, forward ESS) is inexact")
     return out
+
+
+def _missed_message(e: Mapping) -> str:
+    rows = e["missed_modes"]
+    where = "; ".join(f"at {_fmt([round(v, 3) for v in r['location']])} (≈{100 * r['expected_mass']:.0f}% "
+                      f"of the mass, flow {100 * r['flow_mass']:.1f}%)" for r in rows[:3])
+    more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+    msg = (f"the flow misses {len(rows)} mode{'s' if len(rows) > 1 else ''} found by a mode search: "
+           f"{where}{more}; ≈{100 * e['missed_mass']:.0f}% of the target's mass is missing and log Z "
+           f"is underestimated by ≈{e['log_z_missed_bias']:.2g} nats")
+    if e.get("ess", 0.0) > 0.5:
+        msg += f" (the reverse ESS {e['ess']:.2f} cannot see this)"
+    return msg + "; krflows.debias(flow, target) restores them"
 
 
 def verdict(e: Mapping, findings: list[str]) -> str:
@@ -330,6 +358,10 @@ class Report(Mapping):
         if rows[_MAP] and "log_slope_quantiles" in e:
             rows[_MAP][1:1] = [(f"  quantile {q}", _fmt(v), "per coordinate")
                                for q, v in e["log_slope_quantiles"].items()]
+        for r in e.get("missed_modes", [])[:8]:
+            rows[_MODES].append((f"  missed at {_fmt([round(v, 3) for v in r['location']])}",
+                                 f"{r['expected_mass']:.3g}", f"flow {r['flow_mass']:.3g}; density "
+                                 f"{math.exp(min(r['log_density_ratio'], 700)):.3g}x too low"))
         for name, x in e.get("expectations", {}).items():
             note = f"flow average {x['flow']:.4g} ± {x['flow_se']:.2g}"
             if "exact" in x:
