@@ -66,7 +66,8 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
     above twice the target's; forward ESS < 0.5 (saying so when the forward weights'
     :math:`\hat k` > 0.7 makes it unreliable); EUBO − ELBO above 10 nats beyond three
     standard errors (target draws where the flow's density is almost zero); :math:`\hat k` > 0.7
-    (unreliable) or > 0.5; ESS < 0.05; both sample distances above 3x their floor; a large inverse residual. Else "no problems detected".
+    (unreliable) or > 0.5; ESS < 0.05; both sample distances above 3x their floor; a large
+    inverse residual. Else "no problems detected".
 
     Arguments:
         flow: a :class:`~krflows.KRFlow`.
