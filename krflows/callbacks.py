@@ -10,7 +10,7 @@ r"""Lightning callbacks for :class:`~krflows.lightning.KRFlowModule` runs.
 * :class:`DiagnosticsReport`: when training ends, the bias report (:func:`krflows.diagnose`,
   under the module's NaN policy) as TensorBoard text and ``report/*`` scalars (the keys of
   :meth:`krflows.diagnostics.Report.scalars`), and as ``report.md`` / ``report.json`` in the
-  run directory.
+  run directory; for a Pyro model's potential also ``samples.pt``, the flow's draws per site.
 * :class:`RunCheckpoint`: a ``ModelCheckpoint`` that also writes ``last.ckpt`` at the end
   and where SIGTERM or SIGINT stops the run.
 
@@ -127,7 +127,10 @@ class DiagnosticsReport(Callback):
     """When training ends, reports the flow's bias (rank 0).
 
     Logs the report's markdown as TensorBoard text ``report`` and its scalars as
-    ``report/<key>`` to every logger, and writes ``report.md`` and ``report.json``.
+    ``report/<key>`` to every logger, and writes ``report.md`` and ``report.json``. When the
+    target has an ``unpack`` (a Pyro model's :class:`~krflows.pyro.ModelPotential`), it also
+    writes ``samples.pt``: ``{site: (n_samples, *shape)}``, the flow's draws mapped to the
+    model's constrained sites (``torch.load(path)``).
 
     Arguments:
         n_samples: flow samples of the report.
@@ -162,6 +165,19 @@ class DiagnosticsReport(Callback):
             for path, text in zip(self.paths, (report.to_markdown(), report.to_json(indent=2)), strict=True):
                 with open(path, "w") as f:
                     f.write(text.rstrip("\n") + "\n")
+            self.paths += _write_sites(pl_module, self.n_samples, dirpath)
+
+
+def _write_sites(pl_module, n: int, dirpath: str) -> list[str]:
+    """``samples.pt`` of a Pyro potential's sites (flow draws, constrained), else nothing."""
+    unpack = getattr(pl_module.target, "unpack", None)
+    if unpack is None:
+        return []
+    with torch.no_grad():
+        sites = {k: v.detach().cpu() for k, v in unpack(pl_module.flow.sample((n,))).items()}
+    path = os.path.join(dirpath, "samples.pt")
+    torch.save(sites, path)
+    return [path]
 
 
 class RunCheckpoint(ModelCheckpoint):

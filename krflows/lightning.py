@@ -30,7 +30,8 @@ from krflows.flows import KRFlow
 from krflows.importance import check_nan_policy
 from krflows.io import flow_config, flow_from_config
 from krflows.objectives import Batch, reverse_kl
-from krflows.targets import Target, as_target, get_target
+from krflows.spec import resolve_target
+from krflows.targets import Target, as_target
 from krflows.train import adam_cosine, default_warmup, finite_grads, temperature, warm_up, warn_dropped
 
 __all__ = ["KRFlowModule"]
@@ -69,11 +70,15 @@ class KRFlowModule(L.LightningModule):
     Arguments:
         flow: a flow with ``.dim``, ``.affine`` and ``rsample_and_log_prob`` (e.g.
             :class:`~krflows.KRFlow`); built from the options below when ``None``.
-        target: a name of :data:`krflows.targets.TARGETS`, or a target object, a
-            distribution or a callable ``log_prob(x) -> (n,)`` (then ``flow`` gives the dim).
+        target: a name of :data:`krflows.targets.TARGETS`, a spec ``"path/file.py:NAME"`` or
+            ``"package.module:NAME"`` of a log density, a ``Target`` or a Pyro model
+            (:func:`krflows.spec.resolve_target`; the string is saved, so a checkpoint imports
+            it again), or a target object, a distribution or a callable
+            ``log_prob(x) -> (n,)`` (then ``flow`` or ``dim`` gives the dimension).
             A target object is moved to the module's device when fitting starts.
         target_options: keyword arguments of the named target, e.g.
-            ``{"separation": 7.0, "weights": [0.3, 0.7]}``.
+            ``{"separation": 7.0, "weights": [0.3, 0.7]}`` (or of a Target class, a Pyro model).
+        dim: the dimension of a log-density callable without ``.dim`` (checked otherwise).
         family: the monotone family of the built flow (``"spline"``, ``"affine"``,
             ``"bernstein"``, ``"integrated"``).
         transform: deprecated name of ``family`` (``DeprecationWarning``; wins when given).
@@ -109,6 +114,7 @@ class KRFlowModule(L.LightningModule):
         target: str | Target | Callable = "bimodal2d",
         *,
         target_options: dict | None = None,
+        dim: int | None = None,
         family: str = "spline",
         layers: int = 4,
         hidden: Sequence[int] = (64, 64),
@@ -134,8 +140,8 @@ class KRFlowModule(L.LightningModule):
         injected = [k for k, v in (("flow", flow), ("target", target)) if not isinstance(v, str | None)]
         self.save_hyperparameters(ignore=injected)
         if isinstance(target, str):
-            target = get_target(target, **(target_options or {}))
-        self.target = as_target(target, dim=getattr(flow, "dim", None))
+            target = resolve_target(target, target_options, dim=dim)
+        self.target = as_target(target, dim=getattr(flow, "dim", None) or dim)
         if flow is None:
             with _seeded(torch.device("cpu"), seed, _INIT):
                 flow = KRFlow(self.target.dim, family, layers, tuple(hidden), compile=compile,
