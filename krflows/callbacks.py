@@ -10,7 +10,8 @@ r"""Lightning callbacks for :class:`~krflows.lightning.KRFlowModule` runs.
 * :class:`DiagnosticsReport`: when training ends, the bias report (:func:`krflows.diagnose`,
   under the module's NaN policy) as TensorBoard text and ``report/*`` scalars (the keys of
   :meth:`krflows.diagnostics.Report.scalars`), and as ``report.md`` / ``report.json`` in the
-  run directory; for a Pyro model's potential also ``samples.pt``, the flow's draws per site.
+  run directory, with ``summary.md`` (:func:`krflows.summary` of the flow's draws, per site for a
+  Pyro model's potential, whose draws also go to ``samples.pt``).
 * :class:`RunCheckpoint`: a ``ModelCheckpoint`` that also writes ``last.ckpt`` at the end
   and where SIGTERM or SIGINT stops the run.
 
@@ -30,7 +31,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from krflows.diagnostics import diagnose, ess, log_z_estimate, pareto_k
+from krflows.diagnostics import diagnose, ess, log_z_estimate, pareto_k, summary
 from krflows.importance import log_weights
 from krflows.plot import plot_samples
 
@@ -127,10 +128,11 @@ class DiagnosticsReport(Callback):
     """When training ends, reports the flow's bias (rank 0).
 
     Logs the report's markdown as TensorBoard text ``report`` and its scalars as
-    ``report/<key>`` to every logger, and writes ``report.md`` and ``report.json``. When the
-    target has an ``unpack`` (a Pyro model's :class:`~krflows.pyro.ModelPotential`), it also
-    writes ``samples.pt``: ``{site: (n_samples, *shape)}``, the flow's draws mapped to the
-    model's constrained sites (``torch.load(path)``).
+    ``report/<key>`` to every logger, and writes ``report.md``, ``report.json`` and
+    ``summary.md`` (:func:`krflows.summary`: mean, sd, quantiles of ``n_samples`` flow draws).
+    When the target has an ``unpack`` (a Pyro model's :class:`~krflows.pyro.ModelPotential`),
+    the summary is per site and it also writes ``samples.pt``: ``{site: (n_samples, *shape)}``,
+    the draws mapped to the model's constrained sites (``torch.load(path)``).
 
     Arguments:
         n_samples: flow samples of the report.
@@ -169,15 +171,21 @@ class DiagnosticsReport(Callback):
 
 
 def _write_sites(pl_module, n: int, dirpath: str) -> list[str]:
-    """``samples.pt`` of a Pyro potential's sites (flow draws, constrained), else nothing."""
-    unpack = getattr(pl_module.target, "unpack", None)
-    if unpack is None:
-        return []
+    """``summary.md`` of ``n`` flow draws (:func:`krflows.summary`; per site for a Pyro
+    potential, whose draws also go to ``samples.pt``, ``{site: (n, *shape)}``)."""
     with torch.no_grad():
-        sites = {k: v.detach().cpu() for k, v in unpack(pl_module.flow.sample((n,))).items()}
-    path = os.path.join(dirpath, "samples.pt")
-    torch.save(sites, path)
-    return [path]
+        x = pl_module.flow.sample((n,))
+    table = summary(x, target=pl_module.target)
+    paths = [os.path.join(dirpath, "summary.md")]
+    with open(paths[0], "w") as f:
+        f.write("### posterior summary (flow draws)\n\n" + table.to_markdown())
+    unpack = getattr(pl_module.target, "unpack", None)
+    if unpack is not None:
+        with torch.no_grad():
+            sites = {k: v.detach().cpu() for k, v in unpack(x).items()}
+        paths.append(os.path.join(dirpath, "samples.pt"))
+        torch.save(sites, paths[-1])
+    return paths
 
 
 class RunCheckpoint(ModelCheckpoint):

@@ -308,7 +308,9 @@ def test_fit_a_pyro_model_reports_samples_per_site(tmp_path, capsys, user_file):
     run_dir = tmp_path / "pyro"
     sites = torch.load(run_dir / "samples.pt")
     assert set(sites) == {"mu", "tau"} and sites["tau"].shape == (500,) and bool((sites["tau"] > 0).all())
-    assert str(run_dir / "samples.pt") in out
+    assert str(run_dir / "samples.pt") in out and str(run_dir / "summary.md") in out
+    table = (run_dir / "summary.md").read_text()
+    assert "| mu |" in table and "| tau |" in table and "95%" in table
 
 
 def test_a_pyro_model_that_does_not_broadcast_runs_point_by_point(user_file):
