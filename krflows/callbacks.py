@@ -3,10 +3,11 @@ r"""Lightning callbacks for :class:`~krflows.lightning.KRFlowModule` runs.
 * :class:`TrainingMetrics`: scalars of each logged step's reverse-KL batch,
   ``train/elbo``, ``train/ess`` (ESS/N), ``train/pareto_k``, ``train/log_z`` (and its
   s.e.), ``train/grad_norm`` (before clipping), ``train/lr``, ``train/beta``,
-  ``train/dropped`` (``train/loss`` is logged by the module).
-* :class:`SamplePlots`: every ``every_n_steps`` a TensorBoard image ``samples`` (2-D: flow
-  samples over the target's log-density contours; otherwise a pair plot of the first
-  coordinates) and a histogram ``log_weights``.
+  ``train/dropped`` (``train/loss`` and ``train/loss_untempered`` are logged by the module).
+* :class:`SamplePlots`: every ``every_n_steps`` (default: an eighth of the run) a TensorBoard
+  image ``samples`` (:func:`krflows.plot.corner`: 2-D: flow samples over the target's
+  log-density contours; otherwise a pair plot of the first coordinates) and a histogram
+  ``log_weights``.
 * :class:`DiagnosticsReport`: when training ends, the bias report (:func:`krflows.diagnose`,
   under the module's NaN policy) as TensorBoard text and ``report/*`` scalars (the keys of
   :meth:`krflows.diagnostics.Report.scalars`), and as ``report.md`` / ``report.json`` in the
@@ -93,17 +94,26 @@ class SamplePlots(Callback):
     ``log_weights`` of fresh flow samples, in the trainer's TensorBoard logger (rank 0).
 
     Arguments:
-        every_n_steps: plotting period in optimizer steps (0: only at the end).
+        every_n_steps: plotting period in optimizer steps (0: only at the end; ``None``, the
+            default: ``max(1, max_steps // 8)``, eight images whatever the run length).
         n_samples: flow samples per plot.
         pairs: the pair plot shows the first this many coordinates (``dim > 2``).
     """
 
-    def __init__(self, every_n_steps: int = 500, n_samples: int = 2000, pairs: int = 4):
+    def __init__(self, every_n_steps: int | None = None, n_samples: int = 2000, pairs: int = 4):
         self.every_n_steps, self.n_samples, self.pairs = every_n_steps, n_samples, pairs
         self._last_step = -1
 
+    @staticmethod
+    def period(every_n_steps: int | None, max_steps: int | None) -> int:
+        """The plotting period: ``every_n_steps``, or an eighth of ``max_steps`` when it is ``None``."""
+        if every_n_steps is not None:
+            return every_n_steps
+        return max(1, max_steps // 8) if max_steps is not None and max_steps > 0 else 500
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+        every = self.period(self.every_n_steps, trainer.max_steps)
+        if every > 0 and trainer.global_step % every == 0:
             self._plot(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -58,10 +58,12 @@ class KRFlowModule(L.LightningModule):
     not recorded: pass it again (``target=...``); loading without it warns.
 
     Each step: ``β = temperature(t, max_steps, anneal, beta0)``, one
-    :func:`~krflows.objectives.reverse_kl` batch, Adam with a cosine schedule (to ``lr / 20``
-    at ``max_steps``). Samples where the target is ``-inf`` (zero density) are dropped and
-    counted (:attr:`dropped`); NaN is an error unless ``nan="zero"``; a batch with no finite
-    value raises
+    :func:`~krflows.objectives.reverse_kl` batch (logged: ``train/loss``, the tempered
+    objective that is minimized, and ``train/loss_untempered``, the negative ELBO
+    :math:`E_q[\log q - \log \tilde p]`, which under annealing is the one to watch fall),
+    Adam with a cosine schedule (to ``lr / 20`` at ``max_steps``). Samples where the target
+    is ``-inf`` (zero density) are dropped and counted (:attr:`dropped`); NaN is an error
+    unless ``nan="zero"``; a batch with no finite value raises
     :class:`~krflows.objectives.NonFiniteTargetError`; a step whose gradient is not finite
     changes no parameter (counted in :attr:`skipped`). Before the first step of a fresh
     run, :func:`~krflows.fit.warm_up` fits the affine stage (Gaussian VI), which moves the
@@ -199,6 +201,8 @@ class KRFlowModule(L.LightningModule):
         self._warned = warn_dropped(out, step, self._warned)
         self.last_batch = out
         self.log("train/loss", out.loss, prog_bar=True, batch_size=hp.batch_size)
+        # the tempered loss rises while beta anneals to 1; this one is comparable across steps
+        self.log("train/loss_untempered", -out.log_w.mean(), batch_size=hp.batch_size)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
