@@ -72,11 +72,11 @@ with annealing. Outputs go to <root_dir>/<name>/ (TensorBoard events, config.yam
 checkpoints/last.ckpt, report.md, report.json).
 
 Common options:
-  --model.target NAME               a registered target (list below), or your own:
-  --model.target path/file.py:NAME  a log density log_prob(x) -> (n,) (with --model.dim N unless
-  --model.target package.module:NAME  it has .dim), a krflows Target (instance or class), or a
-                                    Pyro model (fitted on its unconstrained potential; samples
-                                    per site in samples.pt and summary.md)
+  --model.target NAME               a registered target (list below), or your own as
+                 path/file.py:NAME  or package.module:NAME: a log density log_prob(x) -> (n,)
+                                    (with --model.dim N unless it has .dim), a krflows Target
+                                    (instance or class), or a Pyro model (fitted on its
+                                    unconstrained potential; draws per site in samples.pt)
   --model.dim N                     the dimension of a log-density callable
   --model.target_options '{{...}}'    e.g. '{{separation: 8.0, weights: [0.5, 0.5]}}' or '{{dim: 8}}'
                                     (the default options go with the default target only)

@@ -38,7 +38,8 @@ def test_help(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     for option in ("Common options", "--model.target", "--model.family", "--model.nan", "--trainer.max_steps",
-                   "--name", "--root_dir", "--ckpt_path", "bimodal2d", "twomoons"):
+                   "--name", "--root_dir", "--ckpt_path", "bimodal2d", "twomoons", "--model.dim",
+                   "path/file.py:NAME", "package.module:NAME", "Pyro model"):
         assert option in out, option
     assert "--optimizer" not in out  # Adam + cosine schedule are the module's
 
