@@ -258,7 +258,8 @@ def to_inference_data(x, log_weights: Tensor | None = None, *, target=None,
         generator: the resampling's random generator.
 
     Raises:
-        ImportError: ArviZ is not installed (``pip install krflows[arviz]``).
+        ImportError: ArviZ is not installed (``pip install krflows[arviz]``, which pins
+            ``arviz<1``: ArviZ 1 replaces ``InferenceData`` by ``xarray.DataTree``).
 
     Example:
         >>> idata = to_inference_data(torch.randn(100, 2), names=["a", "b"])  # doctest: +SKIP
