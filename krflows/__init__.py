@@ -6,7 +6,7 @@ forward to the target; ``S = T^{-1}`` goes ``x -> z``.
 
 from krflows import diagnostics, exact, objectives, targets, transforms
 from krflows.correct import debias, find_modes
-from krflows.diagnostics import diagnose
+from krflows.diagnostics import diagnose, summary, to_inference_data
 from krflows.fit import fit
 from krflows.flows import KRFlow
 from krflows.io import load, save
@@ -14,7 +14,7 @@ from krflows.io import load, save
 __version__ = "0.1.0"
 
 __all__ = ["KRFlow", "fit", "diagnose", "diagnostics", "exact", "objectives", "targets", "transforms",
-           "__version__", "find_modes", "debias", "save", "load"]
+           "__version__", "find_modes", "debias", "save", "load", "summary", "to_inference_data"]
 
 # Submodules with heavy imports (Pyro, Lightning, POT) load on first access:
 # ``krflows.pyro.AutoKRFlow`` works after a plain ``import krflows``.

@@ -3,14 +3,16 @@ r"""Lightning callbacks for :class:`~krflows.lightning.KRFlowModule` runs.
 * :class:`TrainingMetrics`: scalars of each logged step's reverse-KL batch,
   ``train/elbo``, ``train/ess`` (ESS/N), ``train/pareto_k``, ``train/log_z`` (and its
   s.e.), ``train/grad_norm`` (before clipping), ``train/lr``, ``train/beta``,
-  ``train/dropped`` (``train/loss`` is logged by the module).
-* :class:`SamplePlots`: every ``every_n_steps`` a TensorBoard image ``samples`` (2-D: flow
-  samples over the target's log-density contours; otherwise a pair plot of the first
-  coordinates) and a histogram ``log_weights``.
+  ``train/dropped`` (``train/loss`` and ``train/loss_untempered`` are logged by the module).
+* :class:`SamplePlots`: every ``every_n_steps`` (default: an eighth of the run) a TensorBoard
+  image ``samples`` (:func:`krflows.plot.corner`: 2-D: flow samples over the target's
+  log-density contours; otherwise a pair plot of the first coordinates) and a histogram
+  ``log_weights``.
 * :class:`DiagnosticsReport`: when training ends, the bias report (:func:`krflows.diagnose`,
   under the module's NaN policy) as TensorBoard text and ``report/*`` scalars (the keys of
   :meth:`krflows.diagnostics.Report.scalars`), and as ``report.md`` / ``report.json`` in the
-  run directory.
+  run directory, with ``summary.md`` (:func:`krflows.summary` of the flow's draws, per site for a
+  Pyro model's potential, whose draws also go to ``samples.pt``).
 * :class:`RunCheckpoint`: a ``ModelCheckpoint`` that also writes ``last.ckpt`` at the end
   and where SIGTERM or SIGINT stops the run.
 
@@ -30,7 +32,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from krflows.diagnostics import diagnose, ess, log_z_estimate, pareto_k
+from krflows.diagnostics import diagnose, ess, log_z_estimate, pareto_k, summary
 from krflows.importance import log_weights
 from krflows.plot import plot_samples
 
@@ -92,17 +94,26 @@ class SamplePlots(Callback):
     ``log_weights`` of fresh flow samples, in the trainer's TensorBoard logger (rank 0).
 
     Arguments:
-        every_n_steps: plotting period in optimizer steps (0: only at the end).
+        every_n_steps: plotting period in optimizer steps (0: only at the end; ``None``, the
+            default: ``max(1, max_steps // 8)``, eight images whatever the run length).
         n_samples: flow samples per plot.
         pairs: the pair plot shows the first this many coordinates (``dim > 2``).
     """
 
-    def __init__(self, every_n_steps: int = 500, n_samples: int = 2000, pairs: int = 4):
+    def __init__(self, every_n_steps: int | None = None, n_samples: int = 2000, pairs: int = 4):
         self.every_n_steps, self.n_samples, self.pairs = every_n_steps, n_samples, pairs
         self._last_step = -1
 
+    @staticmethod
+    def period(every_n_steps: int | None, max_steps: int | None) -> int:
+        """The plotting period: ``every_n_steps``, or an eighth of ``max_steps`` when it is ``None``."""
+        if every_n_steps is not None:
+            return every_n_steps
+        return max(1, max_steps // 8) if max_steps is not None and max_steps > 0 else 500
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+        every = self.period(self.every_n_steps, trainer.max_steps)
+        if every > 0 and trainer.global_step % every == 0:
             self._plot(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -127,7 +138,11 @@ class DiagnosticsReport(Callback):
     """When training ends, reports the flow's bias (rank 0).
 
     Logs the report's markdown as TensorBoard text ``report`` and its scalars as
-    ``report/<key>`` to every logger, and writes ``report.md`` and ``report.json``.
+    ``report/<key>`` to every logger, and writes ``report.md``, ``report.json`` and
+    ``summary.md`` (:func:`krflows.summary`: mean, sd, quantiles of ``n_samples`` flow draws).
+    When the target has an ``unpack`` (a Pyro model's :class:`~krflows.pyro.ModelPotential`),
+    the summary is per site and it also writes ``samples.pt``: ``{site: (n_samples, *shape)}``,
+    the draws mapped to the model's constrained sites (``torch.load(path)``).
 
     Arguments:
         n_samples: flow samples of the report.
@@ -162,6 +177,25 @@ class DiagnosticsReport(Callback):
             for path, text in zip(self.paths, (report.to_markdown(), report.to_json(indent=2)), strict=True):
                 with open(path, "w") as f:
                     f.write(text.rstrip("\n") + "\n")
+            self.paths += _write_sites(pl_module, self.n_samples, dirpath)
+
+
+def _write_sites(pl_module, n: int, dirpath: str) -> list[str]:
+    """``summary.md`` of ``n`` flow draws (:func:`krflows.summary`; per site for a Pyro
+    potential, whose draws also go to ``samples.pt``, ``{site: (n, *shape)}``)."""
+    with torch.no_grad():
+        x = pl_module.flow.sample((n,))
+    table = summary(x, target=pl_module.target)
+    paths = [os.path.join(dirpath, "summary.md")]
+    with open(paths[0], "w") as f:
+        f.write("### posterior summary (flow draws)\n\n" + table.to_markdown())
+    unpack = getattr(pl_module.target, "unpack", None)
+    if unpack is not None:
+        with torch.no_grad():
+            sites = {k: v.detach().cpu() for k, v in unpack(x).items()}
+        paths.append(os.path.join(dirpath, "samples.pt"))
+        torch.save(sites, paths[-1])
+    return paths
 
 
 class RunCheckpoint(ModelCheckpoint):

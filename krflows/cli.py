@@ -72,7 +72,12 @@ with annealing. Outputs go to <root_dir>/<name>/ (TensorBoard events, config.yam
 checkpoints/last.ckpt, report.md, report.json).
 
 Common options:
-  --model.target NAME               a registered target (list below)
+  --model.target NAME               a registered target (list below), or your own as
+                 path/file.py:NAME  or package.module:NAME: a log density log_prob(x) -> (n,)
+                                    (with --model.dim N unless it has .dim), a krflows Target
+                                    (instance or class), or a Pyro model (fitted on its
+                                    unconstrained potential; draws per site in samples.pt)
+  --model.dim N                     the dimension of a log-density callable
   --model.target_options '{{...}}'    e.g. '{{separation: 8.0, weights: [0.5, 0.5]}}' or '{{dim: 8}}'
                                     (the default options go with the default target only)
   --model.family FAMILY             spline | affine | bernstein | integrated
@@ -219,6 +224,7 @@ class KRFlowCLI(LightningCLI):
             lines.append(f"  checkpoint   {ckpt}   (resume: krflows fit --ckpt_path {ckpt})")
         if report is not None and report.paths:
             lines.append(f"  report       {report.paths[0]}")
+            lines += [f"  {Path(p).stem:<12} {p}" for p in report.paths[2:]]  # samples.pt (Pyro sites)
         if report is not None and report.report is not None:
             lines += ["", *_summary(report.report)]
         lines += ["", f"View the curves and images:  tensorboard --logdir {log_dir}", ""]

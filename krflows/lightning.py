@@ -30,7 +30,8 @@ from krflows.flows import KRFlow
 from krflows.importance import check_nan_policy
 from krflows.io import flow_config, flow_from_config
 from krflows.objectives import Batch, reverse_kl
-from krflows.targets import Target, as_target, get_target
+from krflows.spec import resolve_target
+from krflows.targets import Target, as_target
 from krflows.train import adam_cosine, default_warmup, finite_grads, temperature, warm_up, warn_dropped
 
 __all__ = ["KRFlowModule"]
@@ -57,10 +58,12 @@ class KRFlowModule(L.LightningModule):
     not recorded: pass it again (``target=...``); loading without it warns.
 
     Each step: ``β = temperature(t, max_steps, anneal, beta0)``, one
-    :func:`~krflows.objectives.reverse_kl` batch, Adam with a cosine schedule (to ``lr / 20``
-    at ``max_steps``). Samples where the target is ``-inf`` (zero density) are dropped and
-    counted (:attr:`dropped`); NaN is an error unless ``nan="zero"``; a batch with no finite
-    value raises
+    :func:`~krflows.objectives.reverse_kl` batch (logged: ``train/loss``, the tempered
+    objective that is minimized, and ``train/loss_untempered``, the negative ELBO
+    :math:`E_q[\log q - \log \tilde p]`, which under annealing is the one to watch fall),
+    Adam with a cosine schedule (to ``lr / 20`` at ``max_steps``). Samples where the target
+    is ``-inf`` (zero density) are dropped and counted (:attr:`dropped`); NaN is an error
+    unless ``nan="zero"``; a batch with no finite value raises
     :class:`~krflows.objectives.NonFiniteTargetError`; a step whose gradient is not finite
     changes no parameter (counted in :attr:`skipped`). Before the first step of a fresh
     run, :func:`~krflows.fit.warm_up` fits the affine stage (Gaussian VI), which moves the
@@ -69,11 +72,15 @@ class KRFlowModule(L.LightningModule):
     Arguments:
         flow: a flow with ``.dim``, ``.affine`` and ``rsample_and_log_prob`` (e.g.
             :class:`~krflows.KRFlow`); built from the options below when ``None``.
-        target: a name of :data:`krflows.targets.TARGETS`, or a target object, a
-            distribution or a callable ``log_prob(x) -> (n,)`` (then ``flow`` gives the dim).
+        target: a name of :data:`krflows.targets.TARGETS`, a spec ``"path/file.py:NAME"`` or
+            ``"package.module:NAME"`` of a log density, a ``Target`` or a Pyro model
+            (:func:`krflows.spec.resolve_target`; the string is saved, so a checkpoint imports
+            it again), or a target object, a distribution or a callable
+            ``log_prob(x) -> (n,)`` (then ``flow`` or ``dim`` gives the dimension).
             A target object is moved to the module's device when fitting starts.
         target_options: keyword arguments of the named target, e.g.
-            ``{"separation": 7.0, "weights": [0.3, 0.7]}``.
+            ``{"separation": 7.0, "weights": [0.3, 0.7]}`` (or of a Target class, a Pyro model).
+        dim: the dimension of a log-density callable without ``.dim`` (checked otherwise).
         family: the monotone family of the built flow (``"spline"``, ``"affine"``,
             ``"bernstein"``, ``"integrated"``).
         transform: deprecated name of ``family`` (``DeprecationWarning``; wins when given).
@@ -109,6 +116,7 @@ class KRFlowModule(L.LightningModule):
         target: str | Target | Callable = "bimodal2d",
         *,
         target_options: dict | None = None,
+        dim: int | None = None,
         family: str = "spline",
         layers: int = 4,
         hidden: Sequence[int] = (64, 64),
@@ -134,8 +142,8 @@ class KRFlowModule(L.LightningModule):
         injected = [k for k, v in (("flow", flow), ("target", target)) if not isinstance(v, str | None)]
         self.save_hyperparameters(ignore=injected)
         if isinstance(target, str):
-            target = get_target(target, **(target_options or {}))
-        self.target = as_target(target, dim=getattr(flow, "dim", None))
+            target = resolve_target(target, target_options, dim=dim)
+        self.target = as_target(target, dim=getattr(flow, "dim", None) or dim)
         if flow is None:
             with _seeded(torch.device("cpu"), seed, _INIT):
                 flow = KRFlow(self.target.dim, family, layers, tuple(hidden), compile=compile,
@@ -193,6 +201,8 @@ class KRFlowModule(L.LightningModule):
         self._warned = warn_dropped(out, step, self._warned)
         self.last_batch = out
         self.log("train/loss", out.loss, prog_bar=True, batch_size=hp.batch_size)
+        # the tempered loss rises while beta anneals to 1; this one is comparable across steps
+        self.log("train/loss_untempered", -out.log_w.mean(), batch_size=hp.batch_size)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

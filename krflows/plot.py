@@ -1,41 +1,91 @@
-r"""Figures of flow samples against the target (matplotlib, Agg canvas: no display needed).
+r"""Figures of posterior draws against the target (matplotlib, Agg canvas: no display needed).
 
-:func:`plot_samples` returns an RGB image, as TensorBoard (:class:`~krflows.callbacks.SamplePlots`)
-and notebooks take it: a histogram over the density in 1-D, a scatter over ``log p`` contours in
-2-D, a pair plot of the first coordinates (with the target's exact samples) above.
+:func:`corner` is the one figure of draws over the target: a histogram over the density in
+1-D, a scatter over the contours of the target's 2-D log density in 2-D, and above that a
+pair plot of the first coordinates (2-D histograms of the draws below the diagonal, the
+target's exact samples above it where it has a sampler). Importance-weighted draws (a
+:class:`~krflows.correct.DebiasResult` or ``(samples, log_weights)``) are resampled with
+Pareto-smoothed weights first. :func:`plot_samples` renders it to an RGB array, which is what
+TensorBoard (:class:`~krflows.callbacks.SamplePlots`) takes; notebooks show the figure.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["plot_samples"]
+__all__ = ["corner", "plot_samples"]
 
 
-def plot_samples(x: Tensor, target, pairs: int = 4) -> np.ndarray:
-    """An RGB image ``(H, W, 3)`` of flow samples ``x`` ``(n, d)`` against the target.
+def corner(x, target=None, *, log_weights: Tensor | None = None, names: Sequence[str] | None = None,
+           pairs: int = 4, fig=None):
+    """A corner (pair) plot of draws ``x`` ``(n, d)`` over the target, as a matplotlib ``Figure``.
 
-    ``d = 1``: a histogram over the normalized target density; ``d = 2``: a scatter over
-    the contours of ``log p``; ``d > 2``: a pair plot of the first ``pairs`` coordinates
-    (the target's exact samples in the upper triangle and on the diagonal when it has a
-    sampler). Drawn with matplotlib's Agg canvas (no display needed).
+    ``d = 1``: a histogram over the normalized target density; ``d = 2``: a scatter over the
+    contours of the target's log density (``log p~ - max``, levels -12..0); ``d > 2``: the
+    first ``pairs`` coordinates, 1-D histograms on the diagonal, 2-D histograms of the draws
+    below it and the target's exact samples above it when it has a sampler (black). Without a
+    target, the panels show the draws alone.
+
+    Arguments:
+        x: draws ``(n, d)``, or ``(samples, log_weights)``, or a result with ``.samples`` and
+            ``.log_weights`` (:class:`~krflows.correct.DebiasResult`): weighted draws are
+            resampled (``n`` draws, Pareto-smoothed weights) before plotting.
+        target: a target (or callable ``log_prob``) whose density the panels show, or ``None``.
+        log_weights: log importance weights of ``x`` ``(n,)``.
+        names: axis labels, one per coordinate (default ``x_0``, ``x_1``, ...).
+        pairs: how many coordinates the pair plot shows (``d > 2``).
+        fig: a matplotlib ``Figure`` to draw into (default: a new one, not registered with pyplot).
+
+    Example:
+        >>> from krflows.targets import Banana
+        >>> fig = corner(Banana().sample((500,)), Banana())
+        >>> len(fig.axes)
+        1
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from krflows.diagnostics.summaries import weighted_draws
+    from krflows.diagnostics.weights import psis_smooth
+
+    x, log_weights, _ = weighted_draws(x, log_weights)
+    x = x.detach()
+    if log_weights is not None:
+        lw, _ = psis_smooth(log_weights)
+        idx = torch.multinomial(torch.softmax(lw.nan_to_num(nan=-math.inf), 0), x.shape[0], replacement=True)
+        x = x[idx.to(x.device)]
     d = x.shape[-1]
+    names = list(names) if names is not None else [f"x_{i}" for i in range(d)]
+    if len(names) != d:
+        raise ValueError(f"names must have {d} entries, got {len(names)}")
     k = 1 if d <= 2 else min(d, pairs)
-    fig = Figure(figsize=(4.5, 4) if k == 1 else (2.2 * k, 2.2 * k), dpi=90)
-    canvas = FigureCanvasAgg(fig)
+    if fig is None:
+        fig = Figure(figsize=(4.5, 4) if k == 1 else (2.2 * k, 2.2 * k), dpi=90)
     if d <= 2:
-        _density_panel(fig.add_subplot(), x, target)
+        _density_panel(fig.add_subplot(), x, target, names)
     else:
-        _pair_plot(fig, x, target, k)
+        _pair_plot(fig, x, target, k, names)
     fig.tight_layout()
+    return fig
+
+
+def plot_samples(x: Tensor, target, pairs: int = 4, *, log_weights: Tensor | None = None) -> np.ndarray:
+    """:func:`corner` of flow samples ``x`` ``(n, d)`` over ``target``, as an RGB image
+    ``(H, W, 3)`` uint8 (what TensorBoard's ``add_image(..., dataformats="HWC")`` takes).
+
+    Example:
+        >>> from krflows.targets import Banana
+        >>> plot_samples(torch.randn(200, 2), Banana()).shape[-1]
+        3
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = corner(x, target, log_weights=log_weights, pairs=pairs)
+    canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
@@ -57,9 +107,17 @@ def _limits(x: Tensor, target) -> tuple[Tensor, Tensor]:
     return lo - pad, hi + pad
 
 
-def _density_panel(ax, x: Tensor, target) -> None:
+def _density_panel(ax, x: Tensor, target, names: list[str]) -> None:
     xs = x.detach().double().cpu()
     lo, hi = _limits(xs, target)
+    if target is None:
+        if xs.shape[-1] == 1:
+            ax.hist(xs[:, 0].numpy(), bins=80, density=True, alpha=0.5, color="C3")
+        else:
+            ax.scatter(xs[:, 0].numpy(), xs[:, 1].numpy(), s=3, alpha=0.35, color="C3", linewidths=0)
+            ax.set_ylabel(names[1])
+        ax.set_xlabel(names[0])
+        return
     if xs.shape[-1] == 1:
         grid = torch.linspace(float(lo[0]), float(hi[0]), 400, dtype=torch.float64)
         lp = _grid_log_prob(target, grid[:, None], x)
@@ -68,7 +126,7 @@ def _density_panel(ax, x: Tensor, target) -> None:
         ax.hist(xs[:, 0].numpy(), bins=80, density=True, alpha=0.5, color="C3", label="flow")
         ax.plot(grid.numpy(), p, color="k", lw=1, label="target")
         ax.legend(loc="upper right", fontsize=7)
-        ax.set_xlabel("x_0")
+        ax.set_xlabel(names[0])
         return
     g0 = torch.linspace(float(lo[0]), float(hi[0]), 120, dtype=torch.float64)
     g1 = torch.linspace(float(lo[1]), float(hi[1]), 120, dtype=torch.float64)
@@ -78,14 +136,14 @@ def _density_panel(ax, x: Tensor, target) -> None:
     ax.contour(g0.numpy(), g1.numpy(), lp, levels=np.linspace(-12.0, 0.0, 13), cmap="viridis",
                linewidths=0.8)
     ax.scatter(xs[:, 0].numpy(), xs[:, 1].numpy(), s=3, alpha=0.35, color="C3", linewidths=0)
-    ax.set(xlim=(float(lo[0]), float(hi[0])), ylim=(float(lo[1]), float(hi[1])), xlabel="x_0", ylabel="x_1",
-           title="flow samples over log p contours")
+    ax.set(xlim=(float(lo[0]), float(hi[0])), ylim=(float(lo[1]), float(hi[1])), xlabel=names[0],
+           ylabel=names[1], title="draws over log p contours")
 
 
-def _pair_plot(fig, x: Tensor, target, k: int) -> None:
+def _pair_plot(fig, x: Tensor, target, k: int, names: list[str]) -> None:
     xs = x.detach().double().cpu()[:, :k].numpy()
     truth = None
-    if getattr(target, "has_sampler", False):
+    if target is not None and getattr(target, "has_sampler", False):
         try:
             truth = target.sample((xs.shape[0],)).double().cpu()[:, :k].numpy()
         except (NotImplementedError, ValueError):
@@ -102,17 +160,19 @@ def _pair_plot(fig, x: Tensor, target, k: int) -> None:
                 ax.hist(xs[:, i], bins=bins, density=True, alpha=0.5, color="C3")
                 if truth is not None:
                     ax.hist(truth[:, i], bins=bins, density=True, histtype="step", color="k")
-            elif i > j or truth is not None:
-                pts = xs if i > j else truth
-                ax.scatter(pts[:, j], pts[:, i], s=1, alpha=0.3, color="C3" if i > j else "k", linewidths=0)
+            elif i > j:
+                ax.hist2d(xs[:, j], xs[:, i], bins=40, range=[[lo[j], hi[j]], [lo[i], hi[i]]], cmap="Reds",
+                          cmin=1)
+                ax.set_ylim(lo[i], hi[i])
+            elif truth is not None:
+                ax.scatter(truth[:, j], truth[:, i], s=1, alpha=0.3, color="k", linewidths=0)
                 ax.set_ylim(lo[i], hi[i])
             else:
                 ax.axis("off")
             ax.set_xlim(lo[j], hi[j])
             ax.tick_params(labelsize=6)
             if i == k - 1:
-                ax.set_xlabel(f"x_{j}", fontsize=7)
+                ax.set_xlabel(names[j], fontsize=7)
             if j == 0:
-                ax.set_ylabel(f"x_{i}", fontsize=7)
-    fig.suptitle("flow (red, lower) vs target (black, upper)" if truth is not None else "flow samples",
-                 fontsize=8)
+                ax.set_ylabel(names[i], fontsize=7)
+    fig.suptitle("draws (red, lower) vs target (black, upper)" if truth is not None else "draws", fontsize=8)

@@ -38,7 +38,8 @@ def test_help(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     for option in ("Common options", "--model.target", "--model.family", "--model.nan", "--trainer.max_steps",
-                   "--name", "--root_dir", "--ckpt_path", "bimodal2d", "twomoons"):
+                   "--name", "--root_dir", "--ckpt_path", "bimodal2d", "twomoons", "--model.dim",
+                   "path/file.py:NAME", "package.module:NAME", "Pyro model"):
         assert option in out, option
     assert "--optimizer" not in out  # Adam + cosine schedule are the module's
 
@@ -227,3 +228,127 @@ def test_console_script(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert "tensorboard --logdir runs/" in proc.stdout
+
+
+USER_TARGETS = '''
+import torch
+import pyro
+import pyro.distributions as dist
+from krflows.targets import Target
+
+
+def log_p(x):
+    return -0.5 * (x ** 2).sum(-1)
+
+
+def bad_shape(x):
+    return x
+
+
+def crashes(x):
+    return x @ torch.ones(5)
+
+
+class Wide(Target):
+    def __init__(self, dim=2, scale=2.0):
+        super().__init__(dim)
+        self.scale = scale
+
+    def _log_prob(self, x):
+        return -0.5 * ((x / self.scale) ** 2).sum(-1)
+
+
+wide = Wide(3)
+NUMBER = 3
+
+
+def model():
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    with pyro.plate("data", 3):
+        pyro.sample("y", dist.Normal(mu, tau), obs=torch.tensor([0.3, -0.2, 0.5]))
+
+
+def unbatched():
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    pyro.sample("y", dist.Normal(mu, 1.0), obs=torch.tensor([0.3, -0.2, 0.5]))
+'''
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "user_targets.py"
+    path.write_text(USER_TARGETS)
+    return path
+
+
+@pytest.mark.parametrize("attr, extra, dim", [
+    ("log_p", ["--model.dim", "3"], 3),  # a callable: --model.dim required
+    ("wide", [], 3),  # a Target instance
+    ("Wide", ["--model.target_options", "{dim: 2, scale: 3.0}"], 2),  # a Target class, with options
+])
+def test_fit_a_user_target_from_a_file(tmp_path, capsys, user_file, attr, extra, dim):
+    run(*TINY, "--trainer.max_steps", "3", "--root_dir", str(tmp_path), "--name", attr,
+        "--model.target", f"{user_file}:{attr}", *extra)
+    last = tmp_path / attr / "checkpoints" / "last.ckpt"
+    hparams = torch.load(last, weights_only=False)["hyper_parameters"]
+    assert hparams["target"] == f"{user_file}:{attr}"
+    # resume imports the file again from the spec in the checkpoint
+    run(*TINY, "--trainer.max_steps", "4", "--ckpt_path", str(last))
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    from krflows.lightning import KRFlowModule
+
+    module = KRFlowModule.load_from_checkpoint(last)
+    assert module.flow.dim == dim and module.target.dim == dim
+
+
+def test_fit_a_pyro_model_reports_samples_per_site(tmp_path, capsys, user_file):
+    run(*TINY, "--trainer.max_steps", "3", "--root_dir", str(tmp_path), "--name", "pyro",
+        "--model.target", f"{user_file}:model")
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "pyro"
+    sites = torch.load(run_dir / "samples.pt")
+    assert set(sites) == {"mu", "tau"} and sites["tau"].shape == (500,) and bool((sites["tau"] > 0).all())
+    assert str(run_dir / "samples.pt") in out and str(run_dir / "summary.md") in out
+    table = (run_dir / "summary.md").read_text()
+    assert "| mu |" in table and "| tau |" in table and "95%" in table
+
+
+def test_a_pyro_model_that_does_not_broadcast_runs_point_by_point(user_file):
+    from krflows.spec import resolve_target
+
+    with pytest.warns(UserWarning, match="does not broadcast over a batch of points"):
+        potential = resolve_target(f"{user_file}:unbatched")
+    assert potential.dim == 1 and not potential.vectorize and potential(torch.zeros(3, 1)).shape == (3,)
+
+
+def test_fit_a_callable_from_a_module(tmp_path, monkeypatch, user_file):
+    monkeypatch.syspath_prepend(str(user_file.parent))
+    run(*TINY, "--trainer.max_steps", "2", "--root_dir", str(tmp_path), "--name", "mod",
+        "--model.target", "user_targets:log_p", "--model.dim", "2")
+    assert (tmp_path / "mod" / "report.md").exists()
+
+
+@pytest.mark.parametrize("spec, extra, message", [
+    ("missing.py:log_p", [], "target file not found: missing.py (the target 'missing.py:log_p'; relative "
+                             "paths are read from the current directory {dir})"),
+    ("user_targets.py:nope", [], "user_targets.py has no attribute 'nope'"),
+    ("user_targets.py:NUMBER", [], "is a int, not a log-density callable log_prob(x) -> (n,), a krflows "
+                                   "Target or a Pyro model"),
+    ("user_targets.py:log_p", [], "is a log-density callable without a .dim: give its dimension, dim=N "
+                                  "(on the command line --model.dim N)"),
+    ("user_targets.py:bad_shape", ["--model.dim", "3"], "must map (n, 3) to (n,), got (2, 3)"),
+    ("user_targets.py:crashes", ["--model.dim", "3"], "failed on a batch x of shape (2, 3); expected "
+                                                      "log_prob(x) -> (2,)"),
+    ("user_targets.py:wide", ["--model.dim", "2"], "has dimension 3, but dim=2 was given"),
+    ("no_such_module_xyz:f", [], "cannot import module 'no_such_module_xyz'"),
+    ("bananna", [], "unknown target 'bananna'; choose one of"),
+])
+def test_user_target_errors_are_usage_errors(tmp_path, capsys, monkeypatch, user_file, spec, extra, message):
+    monkeypatch.chdir(user_file.parent)
+    with pytest.raises(SystemExit) as exit_:
+        run(*TINY, "--root_dir", str(tmp_path / "runs"), "--name", "bad", "--model.target", spec, *extra)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert message.format(dir=user_file.parent) in err, err
+    assert not (tmp_path / "runs" / "bad").exists()

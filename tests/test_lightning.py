@@ -20,8 +20,8 @@ from krflows.lightning import KRFlowModule
 from krflows.objectives import NonDifferentiableTargetError, NonFiniteTargetError, TrainingDivergedError
 
 SMALL = {"layers": 1, "hidden": (8,), "batch_size": 64}
-SCALARS = ["train/loss", "train/elbo", "train/ess", "train/pareto_k", "train/log_z", "train/grad_norm",
-           "train/lr", "train/beta", "train/dropped"]
+SCALARS = ["train/loss", "train/loss_untempered", "train/elbo", "train/ess", "train/pareto_k", "train/log_z",
+           "train/grad_norm", "train/lr", "train/beta", "train/dropped"]
 
 
 @pytest.fixture(autouse=True)
@@ -235,3 +235,22 @@ def test_compile_option_compiles_the_built_flow(monkeypatch):
     assert set(module.flow._compiled) == {"push", "pull"} and calls == ["_push", "_pull"]
     assert module.hparams.compile is True
     assert not KRFlowModule(target="banana", layers=1, hidden=(8,)).flow._compiled
+
+
+def test_untempered_loss_is_logged_and_images_scale_with_the_run(tmp_path):
+    """Under annealing train/loss is the tempered objective; train/loss_untempered = -ELBO of the
+    step's batch. SamplePlots' default period is an eighth of the run."""
+    module = KRFlowModule(target="banana", anneal=1.0, beta0=0.1, warmup=0, **SMALL)
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    callbacks = [TrainingMetrics(), SamplePlots(n_samples=100)]
+    trainer(max_steps=16, logger=logger, log_every_n_steps=1, callbacks=callbacks).fit(module)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    untempered = {e.step: e.value for e in events.Scalars("train/loss_untempered")}
+    elbo = {e.step: e.value for e in events.Scalars("train/elbo")}
+    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert set(untempered) == set(elbo) and all(abs(untempered[s] + elbo[s]) < 1e-4 for s in elbo)
+    assert abs(loss[0] - untempered[0]) > 1e-3  # beta < 1 at the start: the two differ
+    assert [e.step for e in events.Images("samples")] == [1, 3, 5, 7, 9, 11, 13, 15]  # every 2 of 16
+    assert SamplePlots.period(None, 2000) == 250 and SamplePlots.period(None, 3) == 1
+    assert SamplePlots.period(0, 2000) == 0 and SamplePlots.period(100, 2000) == 100

@@ -10,7 +10,9 @@ plus, if the report should show it, a field of that module's stage and a row of
 * :mod:`~krflows.diagnostics.distances`: sample distances (Sinkhorn, sliced W2) with noise floors;
 * :mod:`~krflows.diagnostics.conditioning`: the map's slopes and the inverse's residual;
 * :mod:`~krflows.diagnostics.report`: the report's layout (declared once), the verdict, :class:`Report`;
-* :mod:`~krflows.diagnostics.pipeline`: :func:`diagnose`, the stages in order.
+* :mod:`~krflows.diagnostics.pipeline`: :func:`diagnose`, the stages in order;
+* :mod:`~krflows.diagnostics.summaries`: :func:`summary` (mean, sd, quantiles, ESS of draws,
+  weighted or not, per site for Pyro) and :func:`to_inference_data` (ArviZ).
 
 Notation. ``q`` is the flow, :math:`\tilde p = Z p` the unnormalized target. Samples of the
 flow are :math:`x_i \sim q`, ``i = 1..N``, with log importance weights
@@ -39,6 +41,7 @@ from krflows.diagnostics.distances import (
 from krflows.diagnostics.modes import missing_modes, mode_weights, proportion, total_variation, valley_mask
 from krflows.diagnostics.pipeline import diagnose
 from krflows.diagnostics.report import LAYOUT, Report
+from krflows.diagnostics.summaries import Summary, summary, to_inference_data
 from krflows.diagnostics.weights import (
     elbo,
     ess,
@@ -46,6 +49,7 @@ from krflows.diagnostics.weights import (
     forward_ess,
     log_z_estimate,
     pareto_k,
+    psis_smooth,
     self_normalized,
 )
 
@@ -53,6 +57,7 @@ __all__ = [
     "ess",
     "log_z_estimate",
     "pareto_k",
+    "psis_smooth",
     "elbo",
     "eubo",
     "forward_ess",
@@ -70,4 +75,7 @@ __all__ = [
     "LAYOUT",
     "Report",
     "diagnose",
+    "Summary",
+    "summary",
+    "to_inference_data",
 ]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ess", "log_z_estimate", "pareto_k", "mean_se", "elbo", "eubo", "forward_ess", "self_normalized",
+__all__ = ["ess", "log_z_estimate", "pareto_k", "psis_smooth",
+           "mean_se", "elbo", "eubo", "forward_ess", "self_normalized",
            "pareto_k_or_bounded", "rounding_level", "Evidence", "evidence", "ForwardEvidence",
            "forward_evidence"]
 
@@ -46,6 +47,25 @@ def log_z_estimate(log_w: Tensor) -> tuple[Tensor, Tensor]:
     return est, w.std() / math.sqrt(n)
 
 
+def _tail_fit(log_w: Tensor) -> tuple[float, float, float, int] | None:
+    r"""The generalized Pareto fit of the upper tail of ``log_w`` (PSIS, Vehtari et al.):
+    ``(k, sigma, log cutoff, tail size)`` on weights relative to the largest, or ``None``
+    where there are too few weights (``N < 20`` or fewer than 5 in the tail)."""
+    from pyro.ops.stats import fit_generalized_pareto
+
+    log_w = torch.sort(log_w.detach().reshape(-1).double() - log_w.max().double())[0]
+    n = log_w.numel()
+    cut = -int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n)))) - 1
+    if n < 20:
+        return None
+    cutoff = max(math.log(1e-15), float(log_w[cut]))
+    tail = log_w[log_w > cutoff]
+    if tail.numel() < 5:
+        return None
+    k, sigma = fit_generalized_pareto(tail.exp() - math.exp(cutoff))
+    return float(k), float(sigma), cutoff, tail.numel()
+
+
 def pareto_k(log_w: Tensor) -> float:
     r"""The PSIS shape estimate :math:`\hat k` of the importance weights' upper tail.
 
@@ -54,19 +74,45 @@ def pareto_k(log_w: Tensor) -> float:
     Vehtari et al. (2015) and ``pyro.infer.importance.psis_diagnostic``. Reading:
     < 0.5 good, 0.5–0.7 usable, > 0.7 unreliable (the weights' variance is infinite).
     """
-    from pyro.ops.stats import fit_generalized_pareto
+    fit = _tail_fit(log_w)
+    return float("nan") if fit is None else fit[0]
 
-    log_w = torch.sort(log_w.detach().reshape(-1).double() - log_w.max().double())[0]
-    n = log_w.numel()
-    cut = -int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n)))) - 1
-    if n < 20:
-        return float("nan")
-    cutoff = max(math.log(1e-15), float(log_w[cut]))
-    tail = log_w[log_w > cutoff]
-    if tail.numel() < 5:
-        return float("nan")
-    k, _ = fit_generalized_pareto(tail.exp() - math.exp(cutoff))
-    return float(k)
+
+def psis_smooth(log_w: Tensor) -> tuple[Tensor, float]:
+    r"""Pareto-smoothed importance weights (PSIS, Vehtari et al. 2024): ``(log_w smoothed, k)``.
+
+    The largest :math:`M = \min(N/5, 3\sqrt N)` weights are replaced, in their order, by the
+    quantiles :math:`F^{-1}\big((i - \tfrac12)/M\big)`, ``i = 1..M``, of the generalized
+    Pareto distribution fitted to them (the fit of :func:`pareto_k`), capped at the largest
+    raw weight. That lowers the variance of self-normalized estimates at a small bias, and
+    :math:`\hat k` says whether they can be trusted (< 0.7). Where the fit is undefined
+    (``N < 20``, a tail of fewer than 5 weights, :math:`\hat k` not finite) the weights come
+    back unchanged. Pyro ships the fit but not the smoothing.
+
+    Arguments:
+        log_w: log importance weights ``(N,)`` (``-inf``: zero weight).
+
+    Returns:
+        the smoothed log weights ``(N,)`` float64 (same offset as ``log_w``) and :math:`\hat k`.
+
+    Example:
+        >>> log_w = torch.distributions.StudentT(2.0).sample((1000,)).abs().log() * 3
+        >>> smoothed, k = psis_smooth(log_w)
+        >>> bool(smoothed.max() <= log_w.max().double()), smoothed.shape
+        (True, torch.Size([1000]))
+    """
+    log_w = log_w.detach().reshape(-1).double()
+    fit = _tail_fit(log_w)
+    if fit is None or not math.isfinite(fit[0]):
+        return log_w.clone(), float("nan") if fit is None else fit[0]
+    k, sigma, cutoff, m = fit
+    top = log_w.max()
+    order = torch.argsort(log_w)[-m:]  # the tail, ascending
+    p = (torch.arange(1, m + 1, dtype=torch.float64) - 0.5) / m
+    q = -sigma * torch.log1p(-p) if abs(k) < 1e-12 else sigma / k * ((1 - p) ** (-k) - 1)
+    smoothed = log_w.clone()
+    smoothed[order] = torch.minimum(torch.log(math.exp(cutoff) + q), torch.zeros(())) + top
+    return smoothed, k
 
 
 def mean_se(values: Tensor) -> tuple[Tensor, Tensor]:

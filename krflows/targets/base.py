@@ -20,6 +20,12 @@ ShapeLike = int | Sequence[int] | torch.Size
 
 
 def as_shape(shape: ShapeLike) -> tuple[int, ...]:
+    """A batch shape as a tuple of ints: ``3 -> (3,)``, ``[2, 3] -> (2, 3)``.
+
+    Example:
+        >>> as_shape(3), as_shape(torch.Size([2, 3]))
+        ((3,), (2, 3))
+    """
     return (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
 
 
@@ -314,6 +320,16 @@ def _float_or_none(value: object) -> float | None:
 
 
 def cholesky_factor(cov: Tensor, name: str) -> Tensor:
+    """The lower Cholesky factor ``L`` of a covariance ``(*, d, d)``, ``cov = L L^T``.
+
+    Raises:
+        ValueError: ``"<name> must be symmetric"`` or ``"<name> must be positive definite"``.
+
+    Example:
+        >>> cholesky_factor(torch.tensor([[4.0, 2.0], [2.0, 2.0]]), "cov")
+        tensor([[2., 0.],
+                [1., 1.]])
+    """
     if not torch.allclose(cov, cov.mT, rtol=1e-8, atol=1e-12):
         raise ValueError(f"{name} must be symmetric")
     L, info = torch.linalg.cholesky_ex(cov)
