@@ -5,6 +5,7 @@ forward to the target; ``S = T^{-1}`` goes ``x -> z``.
 """
 
 from krflows import diagnostics, exact, objectives, targets, transforms
+from krflows.correct import debias, find_modes
 from krflows.diagnostics import diagnose
 from krflows.fit import fit
 from krflows.flows import KRFlow
@@ -12,7 +13,7 @@ from krflows.flows import KRFlow
 __version__ = "0.1.0"
 
 __all__ = ["KRFlow", "fit", "diagnose", "diagnostics", "exact", "objectives", "targets", "transforms",
-           "__version__"]
+           "__version__", "find_modes", "debias"]
 
 # Submodules with heavy imports (Pyro, Lightning, POT) load on first access:
 # ``krflows.pyro.AutoKRFlow`` works after a plain ``import krflows``.

@@ -400,6 +400,19 @@ class AutoKRFlow(AutoContinuous):
         x = self.flow.sample((2000,))  # Monte-Carlo moments: the flow has no closed form
         return x.mean(0), x.std(0)
 
+    def debias(self, *args, n: int = 20000, modes="search", seed: int | None = None, **kwargs):
+        """:func:`krflows.debias` of this guide's flow: weighted draws that recover the modes
+        the flow missed. ``args``/``kwargs`` are the model's (default: the first call's
+        :attr:`potential`). Sites: ``res.unpack()`` (weighted by ``res.log_weights``) or
+        ``res.unpack(res.resample(m))``."""
+        from krflows.correct import debias
+
+        if self.flow is None:
+            raise RuntimeError("AutoKRFlow has no flow yet: call the guide once (e.g. one SVI step)")
+        target = potential_from_model(self._raw_model[0], *args, **kwargs) if args or kwargs \
+            else self.potential
+        return debias(self.flow, target, n, modes=modes, seed=seed)
+
 
 # =============================================================================================
 # debiasing with importance weights
