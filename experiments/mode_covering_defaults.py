@@ -8,13 +8,15 @@ This script fits ``KRFlow(d)`` with ``fit``'s defaults otherwise (4 spline layer
 * ``old``: the old default, ``fit(..., modes=None)``;
 * ``anneal``: tempering alone, ``fit(..., modes=None, anneal=0.5)`` (``β`` 0.1 → 1 over half
   the run, the warm-up on ``p^0.1``);
-* ``search-init``: the mode search and the Laplace-mixture start of the new default (tempered
-  warm-up, :func:`krflows.correct.find_modes`, affine stage at the mixture's moments,
-  pre-training by importance-weighted forward KL from the mixture), then reverse KL alone
-  (the defensive term's weight patched to 0);
-* ``default``: the new default, ``fit(...)``: as ``search-init`` plus the defensive
-  forward-KL term in the joint phase, its weight decaying linearly from 1 to 0;
-* ``defensive-const``: as ``default`` with the defensive weight held at 1.
+* ``search-init``: a start from the mode search, then reverse KL alone: tempered warm-up,
+  :func:`krflows.correct.find_modes`, affine stage at the modes' Laplace mixture's moments,
+  200 steps of pre-training of the whole flow by importance-weighted forward KL from that
+  mixture (:func:`krflows.fit.defensive_kl`), then plain reverse KL (the defensive term's
+  weight patched to 0);
+* ``default``: the new default, ``fit(...)``: tempered warm-up, mode search, affine stage at
+  the mixture's moments, no pre-training; the joint phase adds the defensive forward-KL term
+  with a weight decaying linearly from 1 to 0;
+* ``pretrain+defensive``: both: the 200 pre-training steps and the decaying defensive term.
 
 Targets (all handed to ``fit`` as plain callables, so no target knowledge leaks in):
 
@@ -41,6 +43,7 @@ CPU) or ``--smoke --out DIR``.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import math
 import time
@@ -54,7 +57,7 @@ from krflows.diagnostics import ess
 from krflows.targets import Banana, Bimodal2D, Funnel, GaussianMixture
 
 NAME = "mode_covering_defaults"
-DESIGNS = ("old", "anneal", "search-init", "default", "defensive-const")
+DESIGNS = ("old", "anneal", "search-init", "default", "pretrain+defensive")
 TARGETS = ("two-mode", "four-mode", "banana", "funnel-10", "cli-bimodal")
 GRID = {  # target -> designs run on it (the unimodal ones only need old vs new)
     "two-mode": DESIGNS, "four-mode": DESIGNS, "banana": ("old", "default"),
@@ -62,6 +65,7 @@ GRID = {  # target -> designs run on it (the unimodal ones only need old vs new)
 FULL = {"steps": 2000, "batch_size": 256, "n_eval": 20000, "seeds": (0, 1, 2)}
 SMOKE = {"steps": 30, "batch_size": 64, "n_eval": 2000, "seeds": (0,)}
 kfit = importlib.import_module("krflows.fit")  # the module (``krflows.fit`` is the function)
+PRETRAIN = 200  # forward-KL pre-training steps of the "search-init" and "pretrain+defensive" designs
 SQUARE = [[-4.5, -4.5], [4.5, -4.5], [-4.5, 4.5], [4.5, 4.5]]
 
 
@@ -86,14 +90,15 @@ def fit_design(design: str, flow, log_p, steps: int, batch_size: int) -> dict:
         return krflows.fit(flow, log_p, modes=None, **kw)
     if design == "anneal":
         return krflows.fit(flow, log_p, modes=None, anneal=0.5, **kw)
-    weight = {"search-init": lambda step, steps: 0.0, "defensive-const": lambda step, steps: 1.0}.get(design)
-    saved = kfit.defensive_weight
-    if weight is not None:
-        kfit.defensive_weight = weight
+    saved = kfit.defensive_weight, kfit.warm_start
+    if design == "search-init":
+        kfit.defensive_weight = lambda step, steps: 0.0
+    if design in ("search-init", "pretrain+defensive"):
+        kfit.warm_start = functools.partial(saved[1], pretrain=PRETRAIN)
     try:
         return krflows.fit(flow, log_p, **kw)
     finally:
-        kfit.defensive_weight = saved
+        kfit.defensive_weight, kfit.warm_start = saved
 
 
 def fit_cli(design: str, seed: int, steps: int, batch_size: int):
@@ -165,7 +170,7 @@ def write_md(cells: dict, out: Path, smoke: bool, seconds: float | None) -> None
             tvs = [r["tv"] for r in rs if "tv" in r]
             summary.append([t, d, len(rs), max(tvs) if tvs else None, min(r["ess"] for r in rs),
                             sum(r["seconds"] for r in rs) / len(rs)])
-    text = [f"# Mode-covering defaults of `krflows.fit`\n", _common.environment(smoke, seconds), "",
+    text = ["# Mode-covering defaults of `krflows.fit`\n", _common.environment(smoke, seconds), "",
             "Designs and targets: see the script's docstring (`experiments/mode_covering_defaults.py`). "
             f"Budget: {'SMOKE' if smoke else '2000'} joint steps at B = 256, `KRFlow(d)` defaults; "
             "seconds are wall times of the whole fit under CPU contention (2 cores shared by several jobs).",
@@ -184,7 +189,7 @@ def plot(cells: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, t in zip(axes, ("two-mode", "four-mode")):
+    for ax, t in zip(axes, ("two-mode", "four-mode"), strict=True):
         for i, d in enumerate(DESIGNS):
             tvs = [r["tv"] for r in cells.values() if r["target"] == t and r["design"] == d]
             ax.scatter([i] * len(tvs), tvs, color="C0")
