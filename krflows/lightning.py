@@ -167,7 +167,7 @@ class KRFlowModule(L.LightningModule):
         n = min(200, steps // 5) if hp.warmup is None else hp.warmup
         with _seeded(self.device, hp.seed, _WARMUP):  # the same on every rank
             self.mixture, _ = warm_start(self.flow, self.target, n, hp.batch_size, modes=hp.modes, lr=hp.lr,
-                                    beta=temperature(0, steps, hp.anneal, hp.beta0), beta0=hp.beta0)
+                                         beta=temperature(0, steps, hp.anneal, hp.beta0), beta0=hp.beta0)
         if getattr(self.flow, "affine", None) is not None and self.trainer.world_size > 1:
             state = self.flow.state_dict() if self.mixture is not None else self.flow.affine.state_dict()
             state, mix = self.trainer.strategy.broadcast(

@@ -105,3 +105,15 @@ def test_module_default_covers_the_modes():
     assert module.mixture is not None and module.mixture.k == 2
     w = weights(module.target, module.flow)
     assert (w - module.target.weights).abs().max() < 0.1, w
+
+
+@pytest.mark.slow
+def test_experiment_smoke(tmp_path):
+    from conftest import run_smoke
+
+    result = run_smoke("mode_covering_defaults", tmp_path)
+    cells = {(c["design"], c["target"]): c for c in result["cells"]}
+    used = {k: c["modes_used"] for k, c in cells.items()}
+    assert used["default", "two-mode"] == 2 and used["default", "four-mode"] == 4
+    assert used["default", "banana"] == 0 and used["old", "two-mode"] == 0
+    assert all(0 <= c["ess"] <= 1 for c in result["cells"])
