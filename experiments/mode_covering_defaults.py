@@ -206,8 +206,7 @@ def main() -> None:
     parser_args = _parse()
     cfg = SMOKE if parser_args.smoke else FULL
     path = parser_args.out / f"{NAME}.json"
-    cells = {} if not path.exists() or parser_args.fresh else {
-        key(r): r for r in _common.load_json(path)["cells"]}
+    cells = {} if not path.exists() else {key(r): r for r in _common.load_json(path)["cells"]}
     start = time.perf_counter()
     if not parser_args.replot:
         for name in parser_args.targets:
@@ -237,7 +236,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="offset added to the seeds 0, 1, 2")
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
-    parser.add_argument("--fresh", action="store_true", help="ignore (and overwrite) stored cells")
+    parser.add_argument("--fresh", action="store_true", help="recompute the selected cells even if stored")
     parser.add_argument("--replot", action="store_true", help="no fitting: rebuild .md/.png from .json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
