@@ -179,12 +179,16 @@ def key(row: dict) -> str:
     return f"{row['design']}|{row['target']}|{row['seed']}"
 
 
+def _tv(v):
+    return None if v is None else f"{v:.4f}"
+
+
 def write_md(cells: dict, out: Path, smoke: bool, seconds: float | None) -> None:
     rows = sorted(cells.values(), key=lambda r: (TARGETS.index(r["target"]), DESIGNS.index(r["design"]),
                                                  r["seed"]))
     table = [[r["target"], r["design"], r["seed"],
               _common.fmt(r.get("weights")) if "weights" in r else "–",
-              r.get("tv"), r["ess"], r.get("modes_used"), r["seconds"]] for r in rows]
+              _tv(r.get("tv")), r["ess"], r.get("modes_used"), r["seconds"]] for r in rows]
     summary = []
     for t in TARGETS:
         for d in DESIGNS:
@@ -192,7 +196,7 @@ def write_md(cells: dict, out: Path, smoke: bool, seconds: float | None) -> None
             if not rs:
                 continue
             tvs = [r["tv"] for r in rs if "tv" in r]
-            summary.append([t, d, len(rs), max(tvs) if tvs else None, min(r["ess"] for r in rs),
+            summary.append([t, d, len(rs), _tv(max(tvs)) if tvs else None, min(r["ess"] for r in rs),
                             sum(r["seconds"] for r in rs) / len(rs)])
     text = ["# Mode-covering defaults of `krflows.fit`\n", _common.environment(smoke, seconds), "",
             "Designs and targets: see the script's docstring (`experiments/mode_covering_defaults.py`). "

@@ -30,8 +30,9 @@ Measured (``experiments/results/mode_covering_defaults.md``; ``KRFlow(2)``, 2000
 B = 256, a plain callable, 3 seeds): 0.3/0.7 modes 8 sd apart, mode-weight TV 0.003-0.011
 (old default 0.300, ``anneal=0.5`` 0.015-0.030); four modes 0.1/0.2/0.3/0.4 on a square of
 side 9 sd, TV 0.034-0.062 (``anneal=0.5`` 0.033-0.073); the same four on a line 9 sd apart,
-TV 0.076-0.100 (``anneal=0.5`` 0.163-0.193); banana and funnel-10 ESS/N unchanged (0.940-0.995
-and 0.934-0.948, bit-identical fits).
+TV 0.076-0.0996 (``anneal=0.5`` 0.163-0.193; the mixture start with 200 forward-KL
+pre-training steps and reverse KL alone after them: up to 0.139); banana and funnel-10 ESS/N
+unchanged (0.940-0.995 and 0.934-0.948, bit-identical fits).
 
 Samples where the target's log density is NaN/inf are dropped and counted; a batch with
 no finite value raises :class:`~krflows.objectives.NonFiniteTargetError` before any
