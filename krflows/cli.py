@@ -2,7 +2,9 @@ r"""The command line ``krflows fit``: Lightning's CLI over :class:`~krflows.ligh
 
 ``krflows fit`` with no arguments fits the embedded default, a 2-D bimodal posterior
 (:class:`~krflows.targets.Bimodal2D`, modes 7 standard deviations apart with weights 0.3 and
-0.7) with annealing, so that both modes are kept. Every run writes ``<root_dir>/<name>/``:
+0.7) with annealing and the mode-covering start of :class:`~krflows.lightning.KRFlowModule`
+(``--model.modes search``: a mode search, then a decaying defensive forward-KL term), so that
+both modes are kept with their weights. Every run writes ``<root_dir>/<name>/``:
 TensorBoard events, ``config.yaml``, ``checkpoints/last.ckpt`` (every
 ``--checkpoint.every_n_train_steps`` steps and at the end) and the bias report
 ``report.md`` / ``report.json``. Options come from flags or YAML (``--config run.yaml``);
@@ -84,6 +86,7 @@ Common options:
   --model.nan error|zero            a NaN target log density: an error (default) or zero density
   --model.layers N --model.hidden '[64, 64]'
   --model.anneal F --model.lr F --model.batch_size N --model.seed N
+  --model.modes search|null         cover separated modes (default: search) or plain warm-up
   --trainer.max_steps N             run length (steps)
   --trainer.accelerator cpu|cuda    device (default auto); --trainer.devices N --trainer.strategy ddp
   --name NAME --root_dir DIR        where the run goes

@@ -32,7 +32,17 @@ from krflows.io import flow_config, flow_from_config
 from krflows.objectives import Batch, reverse_kl
 from krflows.spec import resolve_target
 from krflows.targets import Target, as_target
-from krflows.train import adam_cosine, default_warmup, finite_grads, temperature, warm_up, warn_dropped
+from krflows.train import (
+    ModeMixture,
+    adam_cosine,
+    default_warmup,
+    defensive_kl,
+    defensive_weight,
+    finite_grads,
+    temperature,
+    warm_start,
+    warn_dropped,
+)
 
 __all__ = ["KRFlowModule"]
 
@@ -66,8 +76,11 @@ class KRFlowModule(L.LightningModule):
     unless ``nan="zero"``; a batch with no finite value raises
     :class:`~krflows.objectives.NonFiniteTargetError`; a step whose gradient is not finite
     changes no parameter (counted in :attr:`skipped`). Before the first step of a fresh
-    run, :func:`~krflows.fit.warm_up` fits the affine stage (Gaussian VI), which moves the
-    reference onto the target's location and scale; a resumed run skips it.
+    run, :func:`~krflows.train.warm_start` fits the affine stage (Gaussian VI), which moves the
+    reference onto the target's location and scale; a resumed run skips it. With
+    ``modes="search"`` (default) it is the mode-covering start of :func:`krflows.fit`: a
+    tempered warm-up and a mode search; when several modes are found, the flow starts from
+    their Laplace mixture and each step adds the decaying defensive forward-KL term.
 
     Arguments:
         flow: a flow with ``.dim``, ``.affine`` and ``rsample_and_log_prob`` (e.g.
@@ -93,6 +106,8 @@ class KRFlowModule(L.LightningModule):
         anneal: fraction of ``max_steps`` over which ``β`` rises from ``beta0`` to 1 (0: off).
         beta0: the initial inverse temperature.
         warmup: affine warm-up steps (default ``min(200, max_steps // 5)``; 0: off).
+        modes: ``"search"`` (cover separated modes, as in :func:`krflows.fit`) or ``None``
+            (the plain Gaussian-VI warm-up).
         path_gradient: use the sticking-the-landing estimator (one inverse per step).
         seed: seeds the flow's initialization and every draw of the run.
         compile: compile the built flow's hot paths (:meth:`krflows.KRFlow.compile`):
@@ -127,6 +142,7 @@ class KRFlowModule(L.LightningModule):
         anneal: float = 0.0,
         beta0: float = 0.1,
         warmup: int | None = None,
+        modes: str | None = "search",
         path_gradient: bool = False,
         seed: int = 0,
         compile: bool = False,
@@ -153,6 +169,7 @@ class KRFlowModule(L.LightningModule):
         self.skipped = 0  # steps whose gradient was not finite
         self.beta = 1.0  # the inverse temperature of the last step
         self.last_batch: Batch | None = None  # the last reverse-KL batch, for the callbacks
+        self.mixture: ModeMixture | None = None  # the modes the defensive term covers
         self._warmed_up = False
         self._warned = False  # about dropped samples (once per process)
 
@@ -179,15 +196,21 @@ class KRFlowModule(L.LightningModule):
         if callable(getattr(self.target, "to", None)):  # (log_prob casts dtypes itself)
             self.target.to(device=self.device)
         if self._warmed_up:
+            if self.mixture is not None:  # restored from a checkpoint (on the CPU)
+                self.mixture = self.mixture.to(device=self.device)
             return
         hp, steps = self.hparams, self.total_steps
         n = default_warmup(steps) if hp.warmup is None else hp.warmup
         with _seeded(self.device, hp.seed, _WARMUP):  # the same on every rank
-            warm_up(self.flow, self.target, n, hp.batch_size, beta=temperature(0, steps, hp.anneal, hp.beta0),
-                    nan=hp.nan)
+            self.mixture, _ = warm_start(self.flow, self.target, n, hp.batch_size, modes=hp.modes, lr=hp.lr,
+                                         beta=temperature(0, steps, hp.anneal, hp.beta0), beta0=hp.beta0,
+                                         nan=hp.nan)
         if getattr(self.flow, "affine", None) is not None and self.trainer.world_size > 1:
-            state = self.trainer.strategy.broadcast(self.flow.affine.state_dict(), src=0)
-            self.flow.affine.load_state_dict(state)
+            state = self.flow.state_dict() if self.mixture is not None else self.flow.affine.state_dict()
+            state, mix = self.trainer.strategy.broadcast(
+                (state, None if self.mixture is None else self.mixture.state_dict()), src=0)
+            (self.flow if mix is not None else self.flow.affine).load_state_dict(state)
+            self.mixture = None if mix is None else ModeMixture.from_state_dict(mix)
         self.flow.zero_grad(set_to_none=True)
         self._warmed_up = True
 
@@ -197,13 +220,17 @@ class KRFlowModule(L.LightningModule):
         with _seeded(self.device, hp.seed, _TRAIN, self.global_rank, step):
             out = reverse_kl(self.flow, self.target, hp.batch_size, beta=self.beta,
                              path_gradient=hp.path_gradient, nan=hp.nan)
+            loss, weight = out.loss, defensive_weight(step, self.total_steps)
+            if self.mixture is not None and weight > 0:
+                defensive = defensive_kl(self.flow, self.target, self.mixture, hp.batch_size, hp.nan)
+                loss = loss + weight * defensive
         self.dropped += out.dropped
         self._warned = warn_dropped(out, step, self._warned)
         self.last_batch = out
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=hp.batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=hp.batch_size)
         # the tempered loss rises while beta anneals to 1; this one is comparable across steps
         self.log("train/loss_untempered", -out.log_w.mean(), batch_size=hp.batch_size)
-        return out.loss
+        return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A non-finite gradient is discarded, so that Adam leaves every parameter alone."""
@@ -241,7 +268,8 @@ class KRFlowModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["krflows_flow"] = _flow_config_or_none(self.flow)
         checkpoint["krflows"] = {"dropped": self.dropped, "skipped": self.skipped,
-                                 "warmed_up": self._warmed_up}
+                                 "warmed_up": self._warmed_up,
+                                 "mixture": None if self.mixture is None else self.mixture.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._restore_flow(checkpoint)
@@ -249,6 +277,8 @@ class KRFlowModule(L.LightningModule):
         self.dropped = int(state.get("dropped", 0))
         self.skipped = int(state.get("skipped", 0))
         self._warmed_up = bool(state.get("warmed_up", True))
+        mixture = state.get("mixture")
+        self.mixture = None if mixture is None else ModeMixture.from_state_dict(mixture)
 
 
 class _Steps(IterableDataset):
