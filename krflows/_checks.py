@@ -125,34 +125,16 @@ def check_hidden(hidden) -> tuple[int, ...]:
     return tuple(int(w) for w in hidden)
 
 
-#: the minimum of each integer option of the named families (Bernstein's degree M divides
-#: the slope, the integrated family's expansion needs a_0 and a_1)
-_INT_OPTIONS = {("spline", "bins"): 1, ("bernstein", "degree"): 1, ("integrated", "degree"): 1}
-
-
 def check_family_options(family: str, cls, options: dict) -> None:
-    """Checks the options of the named monotone family before it is built.
-
-    Unknown names, ``bins``/``degree`` below their minimum, a box ``bound`` that is not a
-    finite positive number, ``min_slope`` outside ``[0, 1)`` (the slope floor is added to a
-    softplus shifted to give 1 at zero) and ``min_width`` with ``bins * min_width >= 1``
-    raise a :class:`ValueError` that names the option and its valid range.
-    """
+    """Refuses option names that the named monotone family does not take (a :class:`ValueError`
+    that lists the ones it does). The values are checked by the family's constructor."""
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} of the {family!r} family; "
                          f"it takes {', '.join(allowed) or 'no options'}")
-    # integer options first: min_width's range depends on bins
-    for key, value in sorted(options.items(), key=lambda kv: (family, kv[0]) not in _INT_OPTIONS):
-        if (family, key) in _INT_OPTIONS:
-            check_int(key, value, _INT_OPTIONS[family, key])
-        elif key == "bound":
-            check_real("bound", value, 0.0)
-        elif key == "min_slope":
-            check_real("min_slope", value, 0.0, 1.0, closed_low=True)
-        elif key == "min_width":
-            bins = options.get("bins", inspect.signature(cls.__init__).parameters["bins"].default)
-            check_real(f"min_width (with bins={bins})", value, 0.0, 1.0 / bins, closed_low=True)
-        elif key == "affine" and not isinstance(value, bool | np.bool_):
-            raise ValueError(f"affine must be True or False, got {value!r}")
+
+
+def check_slope_floor(min_slope) -> float:
+    """``min_slope`` in ``[0, 1)``: the floor is added to a softplus shifted to give 1 at zero."""
+    return check_real("min_slope", min_slope, 0.0, 1.0, closed_low=True)

@@ -301,3 +301,17 @@ def test_transform_checks_its_input_like_log_prob(order):
         flow.triangular.log_abs_det_jacobian(torch.randn(3), torch.randn(3))
     z = torch.randn(5, 2)
     torch.testing.assert_close(T.inv(T(z)), z, atol=1e-4, rtol=1e-4)  # good input still passes
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: krflows.transforms.Spline(bins=0), r"bins must be an int >= 1, got 0"),
+    (lambda: krflows.transforms.Spline(bound=-5.0), r"bound must be a finite number > 0, got -5.0"),
+    (lambda: krflows.transforms.Spline(bins=4, min_width=0.25), r"min_width \(with bins=4\)"),
+    (lambda: krflows.transforms.Spline(affine="yes"), r"affine must be True or False"),
+    (lambda: krflows.transforms.Bernstein(degree=0), r"degree must be an int >= 1, got 0"),
+    (lambda: krflows.transforms.Integrated(bound=float("inf")), r"bound must be a finite number > 0"),
+    (lambda: krflows.transforms.Affine(min_slope=-0.1), r"min_slope must be a finite number in \[0, 1\)"),
+])
+def test_families_built_directly_check_their_options(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from krflows._checks import check_int, check_real, check_slope_floor
 from krflows.inverse import solve_monotone
 
 __all__ = ["MonotoneFamily", "Affine", "Spline", "Bernstein", "Integrated", "FAMILIES"]
@@ -63,7 +64,7 @@ class Affine(MonotoneFamily):
     n_params = 2
 
     def __init__(self, min_slope: float = 1e-3):
-        self.min_slope = min_slope
+        self.min_slope = check_slope_floor(min_slope)
 
     def _unpack(self, params: Tensor) -> tuple[Tensor, Tensor]:
         return params[..., 0], _positive(params[..., 1], self.min_slope)
@@ -102,7 +103,12 @@ class Spline(MonotoneFamily):
 
     def __init__(self, bins: int = 8, bound: float = 5.0, affine: bool = True,
                  min_width: float = 1e-3, min_slope: float = 1e-3):
-        self.bins, self.bound, self.affine = bins, bound, affine
+        bins, bound = check_int("bins", bins, 1), check_real("bound", bound, 0.0)
+        min_width = check_real(f"min_width (with bins={bins})", min_width, 0.0, 1.0 / bins, closed_low=True)
+        min_slope = check_slope_floor(min_slope)
+        if not isinstance(affine, bool | np.bool_):
+            raise ValueError(f"affine must be True or False, got {affine!r}")
+        self.bins, self.bound, self.affine = bins, bound, bool(affine)
         self.min_width, self.min_slope = min_width, min_slope
         self.n_params = 3 * bins + 1 + 2 * affine
 
@@ -231,7 +237,9 @@ class Bernstein(MonotoneFamily):
     inverse_method = "root finding (bracketed Newton)"
 
     def __init__(self, degree: int = 10, bound: float = 5.0, min_slope: float = 1e-3):
-        self.degree, self.bound, self.min_slope = degree, bound, min_slope
+        # degree 0 would divide the slope by M = 0
+        self.degree, self.bound = check_int("degree", degree, 1), check_real("bound", bound, 0.0)
+        self.min_slope = check_slope_floor(min_slope)
         self.n_params = degree + 1
 
     def _basis(self, u: Tensor, n: int) -> Tensor:
@@ -270,7 +278,9 @@ class Integrated(MonotoneFamily):
     inverse_method = "root finding (bracketed Newton)"
 
     def __init__(self, degree: int = 6, bound: float = 5.0, min_slope: float = 1e-3):
-        self.degree, self.bound, self.min_slope = degree, bound, min_slope
+        # the expansion needs a_0 and a_1: degree >= 1
+        self.degree, self.bound = check_int("degree", degree, 1), check_real("bound", bound, 0.0)
+        self.min_slope = check_slope_floor(min_slope)
         self.n_params = degree + 2
         nodes, weights = np.polynomial.legendre.leggauss(degree + 1)
         self._nodes, self._weights = torch.from_numpy(nodes), torch.from_numpy(weights)
@@ -299,7 +309,7 @@ class Integrated(MonotoneFamily):
         return x, torch.log(g_end)
 
 
-#: name -> family class, for ``KRFlow(transform=NAME)``
+#: name -> family class, for ``KRFlow(family=NAME)``
 FAMILIES: dict[str, type[MonotoneFamily]] = {
     "affine": Affine,
     "spline": Spline,
