@@ -9,11 +9,12 @@ from krflows.correct import debias, find_modes
 from krflows.diagnostics import diagnose
 from krflows.fit import fit
 from krflows.flows import KRFlow
+from krflows.sparse import SparseKRFlow
 
 __version__ = "0.1.0"
 
 __all__ = ["KRFlow", "fit", "diagnose", "diagnostics", "exact", "objectives", "targets", "transforms",
-           "__version__", "find_modes", "debias"]
+           "__version__", "find_modes", "debias", "SparseKRFlow"]
 
 # Submodules with heavy imports (Pyro, Lightning, POT) load on first access:
 # ``krflows.pyro.AutoKRFlow`` works after a plain ``import krflows``.

@@ -12,9 +12,11 @@ from krflows.transforms.monotone import (
     MonotoneFamily,
     Spline,
 )
+from krflows.transforms.sparse import PlateLayout, SparseAffineTransform, SparseAutoregressiveTransform
 
 __all__ = [
     "TriangularTransform", "ComposeTriangular", "Permutation", "AutoregressiveTransform",
     "LowerAffineTransform", "AffineMatrixTransform", "MonotoneFamily", "Affine", "Spline",
-    "Bernstein", "Integrated", "FAMILIES",
+    "Bernstein", "Integrated", "FAMILIES", "PlateLayout", "SparseAutoregressiveTransform",
+    "SparseAffineTransform",
 ]
