@@ -333,10 +333,17 @@ class AutoKRFlow(AutoContinuous):
         init_loc_fn: per-site initialization (Pyro's ``init_to_*``).
         warmup: Gaussian-VI steps of the affine stage on the first call (0: off).
         warmup_batch: samples per warm-up step.
+        sparse: ``None`` (default): a :class:`~krflows.SparseKRFlow` over the model's plates
+            where that is valid, else the dense flow; ``False``: always dense; ``True``: sparse
+            or ``ValueError`` (see **Plates** below).
+        embedding: the sparse flow's learned member embedding size.
+        member_features: feed each member's observed values to its conditioner.
 
     Attributes (after the first call):
-        flow: the :class:`~krflows.KRFlow`; ``potential``: the :class:`ModelPotential` of the
-        first call's arguments (for :func:`independence_mh` and friends).
+        flow: the :class:`~krflows.KRFlow` (a :class:`~krflows.SparseKRFlow` for plated models);
+        ``potential``: the :class:`ModelPotential` of the first call's arguments (for
+        :func:`independence_mh` and friends); ``plate_structure``: the
+        :class:`~krflows.plates.PlateStructure` found (``None`` with ``sparse=False``).
 
     **Plates.** With ``sparse=None`` (default) the guide reads the model's plates
     (:func:`krflows.plates.detect_plates`): when the model factorizes over a plate (its local
