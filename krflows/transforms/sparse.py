@@ -188,7 +188,7 @@ class SparseAffineTransform(TriangularTransform):
     def call_and_log_diag(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y_g, blocks = self.layout.split(y)
         x_g = self.shift_g + y_g @ self.tril_g.mT
-        xs = [shift + (tril @ y_p.unsqueeze(-1)).squeeze(-1) + (cross @ y_g[..., None, :, None]).squeeze(-1)
+        xs = [shift + _member_matvec(tril, y_p) + _cross(cross, y_g)
               for (shift, tril, cross), y_p in zip(self.plates, blocks, strict=True)]
         return self.layout.join(x_g, xs), self.log_diag.expand(y.shape)
 
@@ -198,6 +198,27 @@ class SparseAffineTransform(TriangularTransform):
                                             upper=False).squeeze(-1)
         ys = []
         for (shift, tril, cross), x_p in zip(self.plates, blocks, strict=True):
-            r = x_p - shift - (cross @ y_g[..., None, :, None]).squeeze(-1)
-            ys.append(torch.linalg.solve_triangular(tril, r.unsqueeze(-1), upper=False).squeeze(-1))
+            r = x_p - shift - _cross(cross, y_g)
+            # forward substitution over the m coordinates, every member and point at once: a
+            # batched solve_triangular would loop over (points x members) tiny systems
+            cols: list[Tensor] = []
+            for k in range(r.shape[-1]):
+                acc = r[..., k]
+                for j, c in enumerate(cols):
+                    acc = acc - tril[:, k, j] * c
+                cols.append(acc / tril[:, k, k])
+            ys.append(torch.stack(cols, -1))
         return self.layout.join(y_g, ys), self.log_diag.expand(x.shape)
+
+
+def _member_matvec(tril: Tensor, y: Tensor) -> Tensor:
+    """``L_j y_j`` for every member: ``(J, m, m)`` with ``(*, J, m)``."""
+    if tril.shape[-1] == 1:
+        return tril[..., 0] * y
+    return (tril * y.unsqueeze(-2)).sum(-1)
+
+
+def _cross(cross: Tensor, y_g: Tensor) -> Tensor:
+    """``C_j y_G`` for every member: ``(J, m, g)`` with ``(*, g)`` -> ``(*, J, m)`` (one product)."""
+    J, m, g = cross.shape
+    return (y_g @ cross.reshape(J * m, g).mT).unflatten(-1, (J, m))
