@@ -10,11 +10,13 @@ from krflows.diagnostics import diagnose, summary, to_inference_data
 from krflows.fit import fit
 from krflows.flows import KRFlow
 from krflows.io import load, save
+from krflows.sparse import SparseKRFlow
 
 __version__ = "0.1.0"
 
 __all__ = ["KRFlow", "fit", "diagnose", "diagnostics", "exact", "objectives", "targets", "transforms",
-           "__version__", "find_modes", "debias", "save", "load", "summary", "to_inference_data"]
+           "__version__", "find_modes", "debias", "save", "load", "summary", "to_inference_data",
+           "SparseKRFlow"]
 
 # Submodules with heavy imports (Pyro, Lightning, POT) load on first access:
 # ``krflows.pyro.AutoKRFlow`` works after a plain ``import krflows``.

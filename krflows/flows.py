@@ -25,7 +25,6 @@ from krflows.nn import MaskedMLP
 from krflows.transforms.autoregressive import AutoregressiveTransform
 from krflows.transforms.base import ComposeTriangular, Permutation, TriangularTransform
 from krflows.transforms.interpolate import Interpolated
-from krflows.transforms.linear import LowerAffineTransform
 from krflows.transforms.monotone import FAMILIES, MonotoneFamily
 
 __all__ = ["KRFlow", "LowerAffine"]
@@ -48,9 +47,11 @@ class LowerAffine(nn.Module):
     def tril(self) -> Tensor:
         return self.lower * self.strict + torch.diag(torch.exp(self.log_diag))
 
-    def as_transform(self) -> LowerAffineTransform:
-        """The current map ``y -> m + L y`` as a :class:`~krflows.transforms.LowerAffineTransform`."""
-        return LowerAffineTransform(self.shift, self.tril())
+    def as_transform(self) -> TriangularTransform:
+        """The map ``y -> m + L y``. It reads the parameters at each call and holds no matrix
+        itself, so the many transform objects that draws leave behind (one per Pyro trace, e.g.
+        4000 under ``Predictive``) share this module instead of each keeping a ``d x d`` ``L``."""
+        return _LowerAffineStage(self)
 
     @torch.no_grad()
     def initialize(self, mean: Tensor, cov: Tensor) -> None:
@@ -59,6 +60,31 @@ class LowerAffine(nn.Module):
         self.log_diag.copy_(torch.log(torch.diagonal(L)))
         self.lower.copy_(L * self.strict)
         self.shift.copy_(torch.as_tensor(mean).to(self.shift))
+
+
+class _LowerAffineStage(TriangularTransform):
+    """``y -> m + L y`` with ``m, L`` read from a :class:`LowerAffine` at each call (see its
+    :meth:`~LowerAffine.as_transform`). Forward: ``m + exp(ρ) * y + y @ (lower * strict)^T``, whose
+    one ``d x d`` operand is freed after the call unless autograd needs it; inverse: one
+    triangular solve."""
+
+    def __init__(self, stage: LowerAffine):
+        super().__init__()
+        self.stage = stage
+
+    def call_and_log_diag(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.stage
+        x = s.shift + torch.exp(s.log_diag) * z + z @ (s.lower * s.strict).mT
+        return x, s.log_diag.expand(z.shape)
+
+    def expected_input(self) -> tuple[int | None, Tensor | None]:
+        return self.stage.shift.shape[-1], self.stage.shift
+
+    def inverse_and_log_diag(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.stage
+        r = (x - s.shift).unsqueeze(-1)
+        z = torch.linalg.solve_triangular(s.tril(), r, upper=False).squeeze(-1)
+        return z, s.log_diag.expand(x.shape)
 
 
 class KRFlow(nn.Module):

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MaskedLinear", "MaskedMLP"]
+__all__ = ["MaskedLinear", "MaskedMLP", "SoftClamp"]
 
 
 class MaskedLinear(nn.Linear):
@@ -66,7 +66,7 @@ def _prefix_blocks(mask: Tensor, n: int) -> list[tuple[int, int, int]]:
     return blocks if cost < 0.85 * rows * cols else []
 
 
-class _SoftClamp(torch.autograd.Function):
+class SoftClamp(torch.autograd.Function):
     """``y = b tanh(x / b)``, with ``dy/dx = 1 - (y / b)^2`` from the output.
 
     Written by hand for speed and memory: ``tanh`` is evaluated as ``2 sigmoid(2u) - 1`` (ATen's
@@ -135,7 +135,7 @@ class MaskedMLP(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def _clamp(self, out: Tensor) -> Tensor:
-        return _SoftClamp.apply(out, self.bound)
+        return SoftClamp.apply(out, self.bound)
 
     def forward(self, z: Tensor) -> Tensor:
         return self._clamp(self.out(self.hidden(z))).unflatten(-1, (self.dim, self.n_params))

@@ -43,6 +43,7 @@ from krflows.correct.resampling import (
     self_normalized_expectation,
 )
 from krflows.flows import KRFlow
+from krflows.sparse import SparseKRFlow
 from krflows.targets import Target
 from krflows.train import warm_up
 
@@ -302,23 +303,25 @@ class _OnePassTransform(Transform):
     bijective = True
     sign = +1
 
-    def __init__(self, inner):
+    def __init__(self, inner, order: Tensor | None = None):
         super().__init__(cache_size=1)
-        self.inner = inner
+        self.inner, self.order = inner, order  # x[..., order] is the triangular map's output
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
 
     def _call(self, z: Tensor) -> Tensor:
         x, ladj = self.inner.call_and_ladj(z)
+        if self.order is not None:
+            x = x[..., torch.argsort(self.order)]
         self._last = (z, x, ladj)
         return x
 
     def _inverse(self, x: Tensor) -> Tensor:
-        return self.inner.inv(x)
+        return self.inner.inv(x if self.order is None else x[..., self.order])
 
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
         if self._last is not None and self._last[0] is z and self._last[1] is x:
             return self._last[2]
-        return self.inner.log_abs_det_jacobian(z, x)
+        return self.inner.log_abs_det_jacobian(z, x if self.order is None else x[..., self.order])
 
 
 def _elementwise_sign(bijection: Transform) -> Tensor | None:
@@ -351,17 +354,37 @@ class AutoKRFlow(AutoContinuous):
         init_loc_fn: per-site initialization (Pyro's ``init_to_*``).
         warmup: Gaussian-VI steps of the affine stage on the first call (0: off).
         warmup_batch: samples per warm-up step.
+        sparse: ``None`` (default): a :class:`~krflows.SparseKRFlow` over the model's plates
+            where that is valid, else the dense flow; ``False``: always dense; ``True``: sparse
+            or ``ValueError`` (see **Plates** below).
+        embedding: the sparse flow's learned member embedding size.
+        member_features: feed each member's observed values to its conditioner.
 
     Attributes (after the first call):
-        flow: the :class:`~krflows.KRFlow`; ``potential``: the :class:`ModelPotential` of the
-        first call's arguments (for :func:`independence_mh` and friends).
+        flow: the :class:`~krflows.KRFlow` (a :class:`~krflows.SparseKRFlow` for plated models);
+        ``potential``: the :class:`ModelPotential` of the first call's arguments (for
+        :func:`independence_mh` and friends); ``plate_structure``: the
+        :class:`~krflows.plates.PlateStructure` found (``None`` with ``sparse=False``).
+
+    **Plates.** With ``sparse=None`` (default) the guide reads the model's plates
+    (:func:`krflows.plates.detect_plates`): when the model factorizes over a plate (its local
+    latents are conditionally independent across members given the other latents), the flow is
+    a :class:`~krflows.SparseKRFlow` whose map for member ``j`` depends only on the globals and
+    member ``j``: cost and parameters linear in the plate size instead of ``d^2``. The member
+    conditioner sees a learned embedding of size ``embedding`` and, with ``member_features``,
+    the member's observed values. Nested plates fold into the outer member's block; a plate
+    that some site outside it reads as a whole (``y ~ N(sum(eta), 1)``), or that is crossed with
+    the chosen one, contributes globals instead (:attr:`plate_structure` says which and why;
+    if no plate qualifies the flow is the dense ``KRFlow``, with a warning when plates were
+    refused). ``sparse=False``: always dense; ``sparse=True``: raises if no plate qualifies.
 
     Minibatch SVI: the guide trains under ``pyro.plate(..., subsample_size=b)`` over
     observations (the warm-up then uses the minibatch estimate of the log density, which
     is unbiased, as VI needs). But the first call's potential would be a noisy minibatch
     estimate, so ``potential`` raises ``ValueError`` for such a model: build the full-data
     potential with :func:`potential_from_model` for IMH, SIR, ``diagnose`` and the like.
-    Latent sites inside a subsampled plate are not supported (``ValueError``).
+    Latent sites inside a subsampled plate are not supported (``ValueError``): the guide is one
+    joint flow over all members, so every member is pushed at every step.
 
     Summaries: :meth:`median` and :meth:`quantiles` are computed from the flow and are the
     same on every call (exact for the leading latent coordinate, fixed quasi-random draws for
@@ -376,6 +399,7 @@ class AutoKRFlow(AutoContinuous):
     def __init__(self, model: Callable, family: str = "spline", layers: int = 2,
                  hidden: Sequence[int] = (32, 32), init_scale: float = 0.1,
                  init_loc_fn: Callable = init_to_median, warmup: int = 100, warmup_batch: int = 64,
+                 sparse: bool | None = None, embedding: int = 8, member_features: bool = True,
                  **flow_options):
         if init_scale <= 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
@@ -384,7 +408,9 @@ class AutoKRFlow(AutoContinuous):
         self._raw_model = (model,)  # a tuple: not registered as a submodule
         self._flow_args = dict(family=family, layers=layers, hidden=tuple(hidden), **flow_options)
         self._init_scale, self._warmup, self._warmup_batch = init_scale, warmup, warmup_batch
+        self._sparse, self._embedding, self._member_features = sparse, embedding, member_features
         self.flow = None
+        self.plate_structure = None  # krflows.plates.PlateStructure after the first call (not sparse=False)
         self._potential = None
 
     @property
@@ -404,15 +430,42 @@ class AutoKRFlow(AutoContinuous):
         super()._setup_prototype(*args, **kwargs)
         names = [name for name, _ in self.prototype_trace.iter_stochastic_nodes()]
         assert names == potential.site_names, f"site order differs: {names} vs {potential.site_names}"
-        flow = KRFlow(self.latent_dim, **self._flow_args).to(potential.dtype)
+        flow = self._build_flow(*args, **kwargs).to(potential.dtype)
         restored = self._sync_param_store(flow)  # a loaded param store wins (or fails loudly)
         if flow.affine is not None and not restored:
             loc = self._init_loc().to(potential.dtype)
-            flow.affine.initialize(loc, self._init_scale ** 2 * torch.eye(self.latent_dim).to(loc))
+            if isinstance(flow, SparseKRFlow):  # variances alone: no d x d matrix
+                loc = loc if flow.order is None else loc[flow.order]  # the stage acts in flow order
+                flow.affine.initialize(loc, torch.full_like(loc, self._init_scale ** 2))
+            else:
+                flow.affine.initialize(loc, self._init_scale ** 2 * torch.eye(self.latent_dim).to(loc))
             if self._warmup > 0:
                 warm_up(flow, potential, steps=self._warmup, batch_size=self._warmup_batch)
         self._potential = potential
         self.flow = flow  # registered with the param store (pyro.module) on first access
+
+    def _build_flow(self, *args, **kwargs) -> KRFlow:
+        """A :class:`~krflows.SparseKRFlow` over the model's plates where valid, else a ``KRFlow``."""
+        if self._sparse is False:
+            return KRFlow(self.latent_dim, **self._flow_args)
+        from krflows.plates import detect_plates
+
+        found = detect_plates(self._raw_model[0], *args, trace=self.prototype_trace,
+                              features=self._member_features, **kwargs)
+        self.plate_structure = found
+        if not found.plates:
+            why = found.refused or "no latent site lies in a vectorized pyro.plate"
+            if self._sparse:
+                raise ValueError(f"sparse=True, but no plate of the model can make the map sparse: {why}")
+            if found.refused:
+                warnings.warn(f"AutoKRFlow: no plate makes the map sparse ({why}); using the dense "
+                              f"KRFlow (cost d^2 at d = {self.latent_dim})", stacklevel=3)
+            return KRFlow(self.latent_dim, **self._flow_args)
+        order = found.order
+        identity = bool((order == torch.arange(order.numel())).all())
+        return SparseKRFlow(found.globals.numel(), found.layout, order=None if identity else order.tolist(),
+                            embedding=self._embedding, features=[p.features for p in found.plates],
+                            **self._flow_args)
 
     def get_base_dist(self):
         zeros = torch.zeros(self.flow.dim, device=self.flow.device, dtype=self.flow.dtype)
@@ -421,7 +474,7 @@ class AutoKRFlow(AutoContinuous):
     def get_transform(self, *args, **kwargs) -> Transform:
         """The flow's map ``z -> x`` onto the flat unconstrained latent."""
         self._sync_param_store(self._modules["flow"])  # (not self.flow: that registers it first)
-        return _OnePassTransform(self.flow.triangular)
+        return _OnePassTransform(self.flow.triangular, self.flow.order)
 
     def get_posterior(self, *args, **kwargs):
         if self.flow is None:

@@ -13,10 +13,12 @@ from krflows.transforms.monotone import (
     MonotoneFamily,
     Spline,
 )
+from krflows.transforms.sparse import PlateLayout, SparseAffineTransform, SparseAutoregressiveTransform
 
 __all__ = [
     "TriangularTransform", "ComposeTriangular", "Permutation", "AutoregressiveTransform",
     "LowerAffineTransform", "AffineMatrixTransform", "affine_parts", "Interpolated", "interpolate_affine",
     "MonotoneFamily", "Affine", "Spline",
     "Bernstein", "Integrated", "FAMILIES",
+    "PlateLayout", "SparseAutoregressiveTransform", "SparseAffineTransform",
 ]

@@ -1,0 +1,250 @@
+"""Plated Pyro models: graph-free guide draws, plate detection, the sparse AutoKRFlow."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.predictive import _predictive
+from pyro.optim import Adam
+from torch.distributions import Transform
+
+from krflows.pyro import AutoKRFlow
+
+
+@pytest.fixture(autouse=True)
+def _clean_param_store():
+    torch.set_num_threads(1)
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def hierarchical(y, sigma):
+    """The non-centred hierarchical normal model (eight schools, ``J`` groups)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("groups", y.shape[-1]):
+        eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(mu + tau * eta, sigma), obs=y)
+
+
+def _data(J, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(J, generator=g) * 2 + 1, 0.5 + torch.rand(J, generator=g)
+
+
+def _train(model, guide, args, steps, particles=2, lr=1e-2):
+    svi = SVI(model, guide, Adam({"lr": lr}), Trace_ELBO(num_particles=particles, vectorize_particles=True))
+    return [svi.step(*args) for _ in range(steps)]
+
+
+def _held_tensor_bytes(obj, seen=None) -> int:
+    """Bytes of the non-parameter tensors an object graph of transforms/distributions holds."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (torch.nn.Module, type)):
+        return 0  # modules (the guide's parameters) are shared, not per draw
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return 0 if isinstance(obj, torch.nn.Parameter) else obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_held_tensor_bytes(v, seen) for v in obj)
+    if isinstance(obj, dict):
+        return sum(_held_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (Transform, torch.distributions.Distribution)):
+        return sum(_held_tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+@pytest.mark.parametrize("sparse", [False, None])
+def test_predictive_draws_hold_no_graph_and_no_square_matrix(sparse):
+    """Predictive keeps every guide trace until it returns (4000 draws: 4000 traces). Each
+    draw must hold O(d) memory: no autograd graph and no ``d x d`` matrix of the affine stage."""
+    y, sigma = _data(150)
+    kwargs = {} if sparse is None else {"sparse": sparse}
+    guide = AutoKRFlow(hierarchical, layers=1, hidden=(8,), warmup=5, **kwargs)
+    _train(hierarchical, guide, (y, sigma), steps=2)
+    d = guide.latent_dim
+    out = Predictive(hierarchical, guide=guide, num_samples=30)(y, sigma)
+    assert out["eta"].shape == (30, 150)
+    assert all(v.grad_fn is None and not v.requires_grad for v in out.values())
+    traces = _predictive(guide, {}, 30, return_sites=None, model_args=(y, sigma)).trace
+    assert len(traces) == 30
+    for trace in traces:
+        sites = [site for site in trace.nodes.values() if site["type"] == "sample"]
+        held = sum(_held_tensor_bytes(site["fn"]) for site in sites)
+        assert held < 20 * d * 8, f"a guide trace holds {held} bytes at d = {d}"
+        assert all(site["value"].grad_fn is None for site in sites)
+
+
+# ---- plate detection ------------------------------------------------------------------------
+
+def nested(y):
+    """Group latents ``th`` and sub-group latents ``eta`` (inner plate) under a global ``mu``."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("g", y.shape[-1], dim=-1):
+        th = pyro.sample("th", dist.Normal(mu, 1.0))
+        with pyro.plate("k", y.shape[-2], dim=-2):
+            eta = pyro.sample("eta", dist.Normal(th, 1.0))
+            pyro.sample("y", dist.Normal(eta, 1.0), obs=y)
+
+
+def coupled(y):
+    """A site outside the plate reads every member: the posterior couples all of them."""
+    with pyro.plate("p", y.shape[-1]):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(a, 1.0), obs=y)
+    pyro.sample("total", dist.Normal(a.sum(-1), 1.0), obs=torch.tensor(0.0))
+
+
+def crossed(y):
+    rows, cols = pyro.plate("rows", y.shape[-2], dim=-2), pyro.plate("cols", y.shape[-1], dim=-1)
+    with rows:
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    with cols:
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    with rows, cols:
+        pyro.sample("y", dist.Normal(a + b, 1.0), obs=y)
+
+
+def two_plates(y, z):
+    """Two plates; members of ``a`` hold a vector site and a positive site (width 3)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("a", y.shape[-1]):
+        th = pyro.sample("th", dist.Normal(mu.unsqueeze(-1) * torch.ones(2), 1.0).to_event(1))
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(th.sum(-1), s), obs=y)
+    with pyro.plate("b", z.shape[-1]):
+        e = pyro.sample("e", dist.Normal(mu, 1.0))
+        pyro.sample("z", dist.Normal(e, 1.0), obs=z)
+
+
+def test_detect_plates_hierarchical():
+    from krflows.plates import detect_plates
+
+    y, sigma = _data(5)
+    s = detect_plates(hierarchical, y, sigma)
+    assert s.globals.tolist() == [0, 1] and s.layout == [(5, 1)] and s.refused == {}
+    assert s.plates[0].sites == ("eta",) and s.plates[0].index[:, 0].tolist() == [2, 3, 4, 5, 6]
+    torch.testing.assert_close(s.plates[0].features, y.double()[:, None])  # the member's observation
+
+
+def test_detect_plates_nested_folds_into_the_outer_member():
+    from krflows.plates import detect_plates
+
+    s = detect_plates(nested, torch.randn(4, 3))
+    assert s.layout == [(3, 5)] and s.globals.tolist() == [0]
+    # member j: th[j], then eta[:, j] (eta has shape (4, 3): flat 4 + 3 k + j)
+    assert s.plates[0].index.tolist() == [[1 + j] + [4 + 3 * k + j for k in range(4)] for j in range(3)]
+    assert "nested or crossed" in s.refused["k"]
+
+
+def test_detect_plates_refuses_coupled_and_picks_one_of_crossed():
+    from krflows.plates import detect_plates
+
+    s = detect_plates(coupled, torch.randn(4))
+    assert s.plates == () and "'total' lies outside plate 'p'" in s.refused["p"]
+    s = detect_plates(crossed, torch.randn(3, 4))
+    assert [p.name for p in s.plates] == ["cols"] and s.globals.tolist() == [0, 1, 2]
+    assert "crossed" in s.refused["rows"]
+
+
+def test_detect_plates_two_plates_multi_site_members():
+    from krflows.plates import detect_plates
+
+    s = detect_plates(two_plates, torch.randn(3), torch.randn(2))
+    assert s.layout == [(3, 3), (2, 1)]
+    assert s.plates[0].index.tolist() == [[1, 2, 7], [3, 4, 8], [5, 6, 9]]
+    assert s.order.tolist() == [0, 1, 2, 7, 3, 4, 8, 5, 6, 9, 10, 11]
+
+
+# ---- the sparse AutoKRFlow ------------------------------------------------------------------
+
+def test_autokrflow_is_sparse_by_default_and_dense_on_request():
+    import krflows
+
+    y, sigma = _data(30)
+    guide = AutoKRFlow(hierarchical, layers=1, hidden=(8,), warmup=2)
+    guide(y, sigma)
+    assert isinstance(guide.flow, krflows.SparseKRFlow) and guide.flow.layout.plates == ((30, 1),)
+    pyro.clear_param_store()
+    dense = AutoKRFlow(hierarchical, layers=1, hidden=(8,), warmup=2, sparse=False)
+    dense(y, sigma)
+    assert type(dense.flow) is krflows.KRFlow and dense.plate_structure is None
+
+
+def test_autokrflow_refuses_or_falls_back_when_no_plate_is_valid():
+    import krflows
+
+    y = torch.randn(4)
+    with pytest.raises(ValueError, match="sparse=True, but no plate"):
+        AutoKRFlow(coupled, sparse=True, warmup=0)(y)
+    pyro.clear_param_store()
+    guide = AutoKRFlow(coupled, warmup=0)
+    with pytest.warns(UserWarning, match="using the dense KRFlow"):
+        guide(y)
+    assert type(guide.flow) is krflows.KRFlow
+
+
+def test_sparse_guide_transform_in_the_model_order():
+    """Pyro's flat latent interleaves the members' sites; the guide's map is triangular after the
+    flow's order, its log|det| is the autograd Jacobian's, and it inverts."""
+    y, z = torch.randn(3), torch.randn(2)
+    guide = AutoKRFlow(two_plates, layers=2, hidden=(8,), warmup=0)
+    guide(y, z)
+    guide.flow.double()  # float64: the randomized map is too ill-conditioned to invert in float32
+    with torch.no_grad():
+        for p in guide.flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    order = guide.flow.order
+    assert order is not None
+    T = guide.get_transform()
+    u = torch.randn(guide.latent_dim, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: T(v), u)[order]  # rows in flow order
+    assert float(jac.triu(1).abs().max()) == 0.0 and bool((jac.diagonal() > 0).all())
+    x = T(u)
+    torch.testing.assert_close(T.log_abs_det_jacobian(u, x), jac.diagonal().log().sum(), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(T.inv(x.clone()), u, rtol=1e-8, atol=1e-8)
+
+
+def test_sparse_guide_two_plates_constrained_sites():
+    y, z = torch.randn(3), torch.randn(2)
+    guide = AutoKRFlow(two_plates, layers=1, hidden=(8,), warmup=20)
+    losses = _train(two_plates, guide, (y, z), steps=10, particles=4)
+    assert all(math.isfinite(v) for v in losses)
+    draws = Predictive(two_plates, guide=guide, num_samples=50, return_sites=["th", "s", "e"])(y, z)
+    assert draws["th"].shape == (50, 3, 2) and draws["e"].shape == (50, 2)
+    assert bool((draws["s"] > 0).all())
+
+
+def conjugate(y):
+    """``mu ~ N(0, 2^2)``, ``theta_j ~ N(mu, 1)``, ``y_j ~ N(theta_j, 0.5^2)``: a Gaussian posterior."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    with pyro.plate("groups", y.shape[-1]):
+        theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+        pyro.sample("y", dist.Normal(theta, 0.5), obs=y)
+
+
+@pytest.mark.slow
+def test_sparse_guide_recovers_a_gaussian_hierarchical_posterior():
+    """Oracle: the exact Gaussian posterior (precision matrix of the joint)."""
+    J = 40
+    y = 1.0 + torch.randn(J, generator=torch.Generator().manual_seed(3)) * 1.5
+    P = torch.zeros(J + 1, J + 1, dtype=torch.float64)
+    P[0, 0] = 1 / 4 + J
+    P[0, 1:] = P[1:, 0] = -1.0
+    P[1:, 1:] = torch.eye(J, dtype=torch.float64) * (1 + 4)
+    b = torch.cat([torch.zeros(1, dtype=torch.float64), 4 * y.double()])
+    cov = torch.linalg.inv(P)
+    mean = cov @ b
+    pyro.set_rng_seed(4)
+    guide = AutoKRFlow(conjugate, layers=1, hidden=(16,))
+    _train(conjugate, guide, (y,), steps=400, particles=4, lr=1e-2)
+    with torch.no_grad():
+        x = guide.flow.sample((8000,)).double()
+    sd = cov.diagonal().sqrt()
+    assert float(((x.mean(0) - mean).abs() / sd).max()) < 0.25
+    assert float((x.std(0) / sd - 1).abs().median()) < 0.1
+    assert float((x.std(0) / sd - 1).abs().max()) < 0.25
