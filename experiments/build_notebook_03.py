@@ -31,6 +31,7 @@ Costs are the squared Euclidean distance (the background text's `½|x − y|²` 
 and ε). The experiments `experiments/ot_*.py` do each part at full size, with tables."""),
     ("code", r"""%matplotlib inline
 import os
+import warnings
 
 import matplotlib.pyplot as plt
 import torch
@@ -52,6 +53,8 @@ from krflows.ot import (
 torch.set_num_threads(1)
 torch.manual_seed(0)
 STEPS = int(os.environ.get("KRFLOWS_NOTEBOOK_STEPS", "400"))  # CI runs this with fewer
+# warnings as one line, without the source path (Sinkhorn reports its unconverged small-eps runs)
+warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
 F64 = torch.float64"""),
     ("md", r"""## 1. KR versus Brenier on a correlated Gaussian
 
