@@ -138,14 +138,51 @@ def save_json(obj, path: Path) -> None:
     path.write_text(json.dumps(clean(obj), indent=1, allow_nan=False) + "\n")
 
 
-def write_notebook(cells: list[tuple[str, str]], path: Path) -> None:
-    """Writes a notebook without outputs from ``("md" | "code", source)`` cells (the builders
-    of ``notebooks/*.ipynb``; CI executes the result)."""
+MAX_NOTEBOOK_BYTES = 1_000_000
+
+
+def write_notebook(cells: list[tuple[str, str]], path: Path, argv: Sequence[str] | None = None) -> None:
+    """Writes ``notebooks/*.ipynb`` from ``("md" | "code", source)`` cells (the builders), then
+    executes it top to bottom and saves it **with its outputs** (what a reader on the web sees;
+    CI re-executes it with a smaller budget). ``--no-execute`` in ``argv`` (default
+    ``sys.argv``) writes it without outputs."""
     import nbformat
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+    argv = sys.argv[1:] if argv is None else argv
     nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src)
                              for kind, src in cells])
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     nbformat.write(nb, path)
     print(f"wrote {path}")
+    if "--no-execute" not in argv:
+        execute_notebook(path)
+
+
+def execute_notebook(path: Path, timeout: int = 900) -> float:
+    """Executes the notebook at ``path`` in place (nbclient, as ``tests/test_notebooks.py``
+    does; the working directory is a temporary one, the figures inline PNGs), strips the
+    per-cell timing metadata, checks the size (< :data:`MAX_NOTEBOOK_BYTES`) and returns the
+    wall time. The kernel inherits this process's environment (``PYTHONPATH``, and
+    ``KRFLOWS_NOTEBOOK_STEPS`` if set: leave it unset for the committed outputs)."""
+    import tempfile
+    import time
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cwd:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": cwd}}).execute()
+    seconds = time.perf_counter() - start
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+    nbformat.write(nb, path)
+    size = Path(path).stat().st_size
+    print(f"executed {path} in {seconds:.0f} s ({size / 1e3:.0f} kB)")
+    if size > MAX_NOTEBOOK_BYTES:
+        raise SystemExit(f"{path} is {size} bytes, above {MAX_NOTEBOOK_BYTES}: shrink its figures")
+    return seconds

@@ -22,7 +22,7 @@ __all__ = ["corner", "plot_samples"]
 
 
 def corner(x, target=None, *, log_weights: Tensor | None = None, names: Sequence[str] | None = None,
-           pairs: int = 4, fig=None):
+           pairs: int = 4, fig=None, limits: tuple | None = None):
     """A corner (pair) plot of draws ``x`` ``(n, d)`` over the target, as a matplotlib ``Figure``.
 
     ``d = 1``: a histogram over the normalized target density; ``d = 2``: a scatter over the
@@ -39,7 +39,12 @@ def corner(x, target=None, *, log_weights: Tensor | None = None, names: Sequence
         log_weights: log importance weights of ``x`` ``(n,)``.
         names: axis labels, one per coordinate (default ``x_0``, ``x_1``, ...).
         pairs: how many coordinates the pair plot shows (``d > 2``).
-        fig: a matplotlib ``Figure`` to draw into (default: a new one, not registered with pyplot).
+        fig: a matplotlib ``Figure`` to draw into (default: a new one, not registered with pyplot),
+            or a ``SubFigure`` (``Figure.subfigures``: several corner plots side by side).
+        limits: ``(lo, hi)``, scalars or one per coordinate: the axes' range for ``d <= 2``
+            (default: the draws' 0.5-99.5 % range, padded and widened to the target's known
+            ``modes``; pass it to show the same window for several sets of draws, e.g. a
+            flow that misses a mode next to one that does not).
 
     Example:
         >>> from krflows.targets import Banana
@@ -66,10 +71,11 @@ def corner(x, target=None, *, log_weights: Tensor | None = None, names: Sequence
     if fig is None:
         fig = Figure(figsize=(4.5, 4) if k == 1 else (2.2 * k, 2.2 * k), dpi=90)
     if d <= 2:
-        _density_panel(fig.add_subplot(), x, target, names)
+        _density_panel(fig.add_subplot(), x, target, names, limits)
     else:
         _pair_plot(fig, x, target, k, names)
-    fig.tight_layout()
+    if hasattr(fig, "tight_layout"):  # a SubFigure has none: its parent lays it out
+        fig.tight_layout()
     return fig
 
 
@@ -107,9 +113,12 @@ def _limits(x: Tensor, target) -> tuple[Tensor, Tensor]:
     return lo - pad, hi + pad
 
 
-def _density_panel(ax, x: Tensor, target, names: list[str]) -> None:
+def _density_panel(ax, x: Tensor, target, names: list[str], limits: tuple | None = None) -> None:
     xs = x.detach().double().cpu()
-    lo, hi = _limits(xs, target)
+    if limits is None:
+        lo, hi = _limits(xs, target)
+    else:
+        lo, hi = (torch.as_tensor(v, dtype=torch.float64).expand(xs.shape[-1]) for v in limits)
     if target is None:
         if xs.shape[-1] == 1:
             ax.hist(xs[:, 0].numpy(), bins=80, density=True, alpha=0.5, color="C3")

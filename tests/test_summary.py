@@ -9,6 +9,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 import krflows
 from krflows.correct import DebiasResult
@@ -135,3 +136,8 @@ def test_corner_plot_panels():
     assert len(corner(torch.randn(100, 6), None, pairs=3).axes) == 9
     image = plot_samples(torch.randn(100, 2), target)
     assert image.dtype == np.uint8 and image.shape[-1] == 3
+    parent = Figure(figsize=(8, 3))
+    for sub in parent.subfigures(1, 2):  # side by side (the notebooks do this)
+        assert corner(target.sample((200,)), target, fig=sub) is sub and len(sub.axes) == 1
+    fig = corner(torch.randn(200, 2), target, limits=(-8.0, (8.0, 3.0)))  # a shared window
+    assert fig.axes[0].get_xlim() == (-8.0, 8.0) and fig.axes[0].get_ylim() == (-8.0, 3.0)
