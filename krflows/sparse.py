@@ -34,7 +34,7 @@ from krflows.transforms.base import ComposeTriangular, TriangularTransform
 from krflows.transforms.monotone import MonotoneFamily
 from krflows.transforms.sparse import PlateLayout, SparseAffineTransform, SparseAutoregressiveTransform
 
-__all__ = ["SparseKRFlow", "PlateConditioner", "SparseAffine", "PlateLayout"]
+__all__ = ["SparseKRFlow", "PlateConditioner", "SparseAffine"]
 
 
 class PlateConditioner(nn.Module):
