@@ -20,14 +20,17 @@ Measured (see ``benchmarks/README.md``):
   round-robin in blocks of steps, warm-up steps excluded;
 * sampling (``x`` and ``log q`` in one pass) and ``log_prob`` (at fresh points) throughput;
 * the peak resident-memory increase of a training step, in a fresh subprocess per library;
-* ESS/N (20000 fresh samples) after the same number of plain Adam steps on funnel-10, banana
-  and a 0.3/0.7 two-mode mixture, the fraction of mass on each mode of the latter, and the
-  same for krflows' defaults (``KRFlow(d)`` + ``krflows.fit``).
+* ESS/N (20000 fresh samples) after the same number of plain Adam steps on funnel-10, banana,
+  a 0.3/0.7 two-mode mixture (8 sd apart) and a four-mode mixture (0.1/0.2/0.3/0.4 on the
+  corners of a square of side 9 sd), the fraction of mass on each mode of the mixtures and its
+  total variation from the truth, and the same for krflows' defaults (``KRFlow(d)`` +
+  ``krflows.fit``, whose default is mode covering since issue 11).
 
 Usage::
 
     python benchmarks/bench_training.py                  # full run, writes benchmarks/RESULTS.md
     python benchmarks/bench_training.py --quick --out /tmp/x.md    # smoke test (tiny settings)
+    python benchmarks/bench_training.py --only quality --targets bimodal four-mode --out /tmp/q.md
 """
 
 from __future__ import annotations
@@ -760,7 +763,9 @@ def main(argv: list[str] | None = None) -> int:
               "and memory, above 1 for throughput and ESS. The compiled variants are not retrained for "
               "the ESS rows (same model and numerics). "
               "`krflows fit()` is `KRFlow(d)` trained by `krflows.fit(flow, target, steps, batch_size)` "
-              "(affine warm-up, cosine schedule, gradient clipping). ESS/N is the normalized importance "
+              "with its defaults (mode covering: tempered affine warm-up, mode search, with several "
+              "modes a Laplace-mixture start and a decaying defensive forward-KL term; cosine schedule, "
+              "gradient clipping). ESS/N is the normalized importance "
               f"ESS of {s.eval_samples} fresh samples; samples with a non-finite log weight count as "
               "weight 0 ('bad'); 'skipped' counts training steps with non-finite gradients (not applied).",
               "",
