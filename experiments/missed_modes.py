@@ -61,13 +61,19 @@ NAME = "missed_modes"
 SEPARATIONS = (4, 6, 8, 12, 16)
 CASES = tuple(f"2d-sep{s}" for s in SEPARATIONS) + ("10d-4modes", "pyro-sign", "pyro-label-switching")
 PATHS = ("default", "old")
-FULL = {"steps": 1000, "batch_size": 256, "n": 20000, "seeds": (0,)}
+FULL = {"steps": 1000, "batch_size": 256, "n": 20000, "seeds": (0, 1)}
 SMOKE = {"steps": 30, "batch_size": 64, "n": 2000, "seeds": (0,)}
 SMOKE_CASES = ("2d-sep8", "pyro-sign", "pyro-label-switching")
 # a mode is dropped when the flow's mass there is below DROPPED x its true weight: the share
 # below which diagnose's missed_modes calls a found mode missed (MISSED_FLOW_SHARE)
 DROPPED = 0.1
 SIGN_Y = (8.5, 9.5)
+NOTES = (
+    "Provenance: the recorded run was split in two processes under changing load (2 cores shared with "
+    "3-5 other jobs): seed 0 of every target ran 19:43-20:07 UTC at commit ab73df7, seed 1 20:01-20:10 "
+    "UTC at 5f465d3 (`--seeds 1 --out DIR`, its cells merged into the .json); the two commits differ only "
+    "in scoring and plotting, which `--replot` recomputes from the stored numbers (the header's date is "
+    "that of the replot). Seconds are therefore only roughly comparable between rows.")
 
 
 # =============================================================================================
@@ -281,6 +287,7 @@ def write_md(cells: dict, out: Path, smoke: bool, seconds: float | None, cfg: di
             f"potential for the Pyro models); `diagnose` and `debias` with n = {cfg['n']}, defaults "
             "otherwise. Targets and definitions: the script's docstring (`experiments/missed_modes.py`). "
             "Seconds are wall times on 2 CPU cores shared with other jobs (inflated by contention).", "",
+            NOTES if not smoke else "", "",
             "Columns: mode weights truth / flow (20000 fresh flow samples) / debiased (self-normalized "
             f"weights of `debias`); `dropped`: true modes where the flow's mass is below {DROPPED} x the "
             "true weight; `found / missed`: `report[\"n_modes_found\"]` / `report[\"n_missed_modes\"]`; "
@@ -403,7 +410,7 @@ def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny budget (seconds)")
     parser.add_argument("--out", type=Path, default=_common.RESULTS)
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1; smoke: 0)")
     parser.add_argument("--cases", nargs="+", choices=CASES)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--fresh", action="store_true", help="recompute the selected cells even if stored")
