@@ -20,14 +20,17 @@ Measured (see ``benchmarks/README.md``):
   round-robin in blocks of steps, warm-up steps excluded;
 * sampling (``x`` and ``log q`` in one pass) and ``log_prob`` (at fresh points) throughput;
 * the peak resident-memory increase of a training step, in a fresh subprocess per library;
-* ESS/N (20000 fresh samples) after the same number of plain Adam steps on funnel-10, banana
-  and a 0.3/0.7 two-mode mixture, the fraction of mass on each mode of the latter, and the
-  same for krflows' defaults (``KRFlow(d)`` + ``krflows.fit``).
+* ESS/N (20000 fresh samples) after the same number of plain Adam steps on funnel-10, banana,
+  a 0.3/0.7 two-mode mixture (8 sd apart) and a four-mode mixture (0.1/0.2/0.3/0.4 on the
+  corners of a square of side 9 sd), the fraction of mass on each mode of the mixtures and its
+  total variation from the truth, and the same for krflows' defaults (``KRFlow(d)`` +
+  ``krflows.fit``, whose default is mode covering since issue 11).
 
 Usage::
 
     python benchmarks/bench_training.py                  # full run, writes benchmarks/RESULTS.md
     python benchmarks/bench_training.py --quick --out /tmp/x.md    # smoke test (tiny settings)
+    python benchmarks/bench_training.py --only quality --targets bimodal four-mode --out /tmp/q.md
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ COMPILED = ("krflows-compile", "zuko-compile")  # torch.compile'd hot paths; not
 RATIOS = (("krflows", "zuko"), ("krflows", "nflows"), ("krflows", "pyro"),
           ("krflows-compile", "zuko"), ("krflows-compile", "zuko-compile"))
 BIMODAL_WEIGHTS = (0.3, 0.7)
+# four unit-sd modes on the corners of a square of side 9 (neighbours 9 sd apart), as in
+# experiments/mode_covering_defaults.py (issue 11's four-mode goal: mode-weight TV <= 0.1)
+FOUR_MODE_MEANS = ((-4.5, -4.5), (4.5, -4.5), (-4.5, 4.5), (4.5, 4.5))
+FOUR_MODE_WEIGHTS = (0.1, 0.2, 0.3, 0.4)
+MULTIMODAL = ("bimodal", "four-mode")  # the targets whose mode masses are reported
+SECTIONS = ("checks", "timing", "throughput", "memory", "quality")
 
 
 # ============================================================================ settings
@@ -485,7 +494,7 @@ def evaluate(model: Model, target, n: int, modes: bool) -> Quality:
     if modes:
         ok = torch.isfinite(x).all(-1)
         k = target.assign(x[ok])
-        mass = tuple(float((k == i).sum()) / max(1, int(ok.sum())) for i in range(len(BIMODAL_WEIGHTS)))
+        mass = tuple(float((k == i).sum()) / max(1, int(ok.sum())) for i in range(len(target.weights)))
     return Quality(value, int((~good).sum()), mass)
 
 
@@ -494,6 +503,7 @@ def make_targets(s: Settings) -> dict[str, krflows.targets.Target]:
         f"funnel-{s.dim}": krflows.targets.Funnel(s.dim),
         "banana": krflows.targets.Banana(),
         "bimodal": krflows.targets.Bimodal2D(separation=8, weights=BIMODAL_WEIGHTS),
+        "four-mode": krflows.targets.GaussianMixture(FOUR_MODE_MEANS, weights=FOUR_MODE_WEIGHTS),
     }
 
 
@@ -514,11 +524,15 @@ def _train_one(name: str, target, s: Settings, modes: bool) -> Quality:
     return q
 
 
-def train_quality(libs: list[str], s: Settings, log) -> dict[tuple[str, str], Quality]:
-    """ESS/N (and mode masses) after ``s.steps`` plain Adam steps; krflows also with ``fit``."""
+def train_quality(libs: list[str], s: Settings, log, targets: list[str] | None = None
+                  ) -> dict[tuple[str, str], Quality]:
+    """ESS/N (and mode masses) after ``s.steps`` plain Adam steps; krflows also with ``fit``
+    (its defaults: since issue 11 the mode-covering start, ``modes="search"``)."""
     out: dict[tuple[str, str], Quality] = {}
     for tname, target in make_targets(s).items():
-        modes = tname == "bimodal"
+        if targets is not None and tname not in targets:
+            continue
+        modes = tname in MULTIMODAL
         eager = [n for n in libs if n not in COMPILED]  # compiled = same numerics: not retrained
         for name in eager + (["krflows fit()"] if "krflows" in libs else []):
             try:
@@ -594,17 +608,19 @@ def results_table(libs: list[str], s: Settings, params, timing, throughput, memo
 
     row("trainable parameters", {n: float(v) for n, v in params.items()},
         {n: str(v) for n, v in params.items()})
-    for b in s.batches:
-        row(f"train step, B={b}, ms (median; lower is better)", {n: timing.get((n, b)) for n in libs})
+    if timing:
+        for b in s.batches:
+            row(f"train step, B={b}, ms (median; lower is better)", {n: timing.get((n, b)) for n in libs})
     tb = s.throughput_batch
-    row(f"sample + log q, B={tb}, samples/s", {n: throughput.get((n, "sample")) for n in libs})
-    row(f"log_prob at fresh x, B={tb}, samples/s", {n: throughput.get((n, "log_prob")) for n in libs})
+    if throughput:
+        row(f"sample + log q, B={tb}, samples/s", {n: throughput.get((n, "sample")) for n in libs})
+        row(f"log_prob at fresh x, B={tb}, samples/s", {n: throughput.get((n, "log_prob")) for n in libs})
     if saved:
         row(f"saved for backward in a train step, B={s.memory_batch}, MiB", {n: saved.get(n) for n in libs})
     if memory:
         row(f"peak RSS increase of a train step, B={s.memory_batch}, MiB (median of "
             f"{s.memory_repeats})", {n: memory.get(n) for n in libs})
-    names = list(make_targets(s))
+    names = [t for t in make_targets(s) if any(tt == t for _, tt in quality)]
     for tname in names:
         vals = {n: quality[n, tname].ess for n, t in quality if t == tname}
         text = {}
@@ -615,10 +631,16 @@ def results_table(libs: list[str], s: Settings, params, timing, throughput, memo
             elif t == tname and (q.bad or q.skipped):
                 text[n] = _fmt(q.ess) + f" ({q.bad} bad, {q.skipped} skipped)"
         row(f"ESS/N on {tname} after {s.steps} steps at B={s.train_batch}", vals, text)
-    mass = {n: quality[n, "bimodal"].mode_mass for n, t in quality if t == "bimodal"}
-    truth = "/".join(f"{w:.2f}" for w in BIMODAL_WEIGHTS)
-    row(f"bimodal: mass on mode 0/1 (truth {truth})", {},
-        {n: "/".join(f"{v:.3f}" for v in m) if m else "—" for n, m in mass.items()}, ratios=False)
+    targets = make_targets(s)
+    for tname in (t for t in MULTIMODAL if t in names):
+        mass = {n: quality[n, tname].mode_mass for n, t in quality if t == tname}
+        truth = [float(w) for w in targets[tname].weights]
+        modes = "/".join(str(i) for i in range(len(truth)))
+        row(f"{tname}: mass on mode {modes} (truth {'/'.join(f'{w:.2f}' for w in truth)})", {},
+            {n: "/".join(f"{v:.3f}" for v in m) if m else "—" for n, m in mass.items()}, ratios=False)
+        row(f"{tname}: total variation of the mode masses", {},
+            {n: f"{0.5 * sum(abs(v - w) for v, w in zip(m, truth, strict=True)):.3f}" if m else "—"
+             for n, m in mass.items()}, ratios=False)
     return "\n".join(rows)
 
 
@@ -650,6 +672,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   f"with --quick, all but the compiled ones: {','.join(COMPILED)})")
     p.add_argument("--no-memory", action="store_true", help="skip the per-library memory subprocesses")
     p.add_argument("--seed", type=int, default=0, help="seed of every initialisation and training run")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="run only these sections (default: all); e.g. `--only quality` on a loaded "
+                        "machine, where the timing sections would mean nothing. The triangularity "
+                        "checks always run (a library failing them is not measured)")
+    p.add_argument("--targets", nargs="+", choices=("funnel", "banana", "bimodal", "four-mode"),
+                   help="quality section: only these targets (default: all)")
     p.add_argument("--memory-probe", metavar="LIB", help=argparse.SUPPRESS)
     p.add_argument("--memory-steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--memory-batch", type=int, help=argparse.SUPPRESS)
@@ -695,18 +723,24 @@ def main(argv: list[str] | None = None) -> int:
     if not libs:
         raise SystemExit("no library passed the triangularity check")
     params = {name: n_params(build(name, s.dim, s, s.seed)) for name in libs}
-    log("timing train steps:")
-    timing = time_training(libs, s, log)
-    log(f"throughput at B={s.throughput_batch}:")
-    throughput = time_throughput(libs, s, log)
-    log(f"activation memory (tensors saved for backward, B={s.memory_batch}):")
-    saved = measure_saved(libs, s, log)
-    memory = {}
-    if not args.no_memory:
-        log(f"memory (fresh subprocess per library, B={s.memory_batch}):")
-        memory = measure_memory(libs, s, args.threads, log)
-    log(f"training {s.steps} steps at B={s.train_batch} for ESS:")
-    quality = train_quality(libs, s, log)
+    timing, throughput, saved, memory, quality = {}, {}, {}, {}, {}
+    if "timing" in args.only:
+        log("timing train steps:")
+        timing = time_training(libs, s, log)
+    if "throughput" in args.only:
+        log(f"throughput at B={s.throughput_batch}:")
+        throughput = time_throughput(libs, s, log)
+    if "memory" in args.only:
+        log(f"activation memory (tensors saved for backward, B={s.memory_batch}):")
+        saved = measure_saved(libs, s, log)
+        if not args.no_memory:
+            log(f"memory (fresh subprocess per library, B={s.memory_batch}):")
+            memory = measure_memory(libs, s, args.threads, log)
+    if "quality" in args.only:
+        log(f"training {s.steps} steps at B={s.train_batch} for ESS:")
+        targets = None if args.targets is None else [f"funnel-{s.dim}" if t == "funnel" else t
+                                                     for t in args.targets]
+        quality = train_quality(libs, s, log, targets)
 
     table = results_table(libs, s, params, timing, throughput, memory, quality, saved)
     print(table)
@@ -729,7 +763,9 @@ def main(argv: list[str] | None = None) -> int:
               "and memory, above 1 for throughput and ESS. The compiled variants are not retrained for "
               "the ESS rows (same model and numerics). "
               "`krflows fit()` is `KRFlow(d)` trained by `krflows.fit(flow, target, steps, batch_size)` "
-              "(affine warm-up, cosine schedule, gradient clipping). ESS/N is the normalized importance "
+              "with its defaults (mode covering: tempered affine warm-up, mode search, with several "
+              "modes a Laplace-mixture start and a decaying defensive forward-KL term; cosine schedule, "
+              "gradient clipping). ESS/N is the normalized importance "
               f"ESS of {s.eval_samples} fresh samples; samples with a non-finite log weight count as "
               "weight 0 ('bad'); 'skipped' counts training steps with non-finite gradients (not applied).",
               "",

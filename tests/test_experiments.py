@@ -38,3 +38,22 @@ def test_uniqueness_smoke(tmp_path):
         assert r["jac_upper_max"] == 0.0, "the learned map must be lower triangular"
         if "Q_orthogonality" in r:  # Brenier = KR after a rotation of the reference
             assert r["Q_orthogonality"] < 1e-4
+
+
+@pytest.mark.slow
+def test_missed_modes_smoke(tmp_path):
+    result = run_smoke("missed_modes", tmp_path)
+    cells = result["cells"]
+    cases = ("2d-sep8", "pyro-sign", "pyro-label-switching")
+    assert {(c["case"], c["path"]) for c in cells} == {(k, p) for k in cases for p in ("default", "old")}
+    truths = result["truths"]
+    assert truths["pyro-label-switching"]["weights"] == [0.5, 0.5]
+    w = truths["pyro-sign"]["weights"]
+    assert 0.5 < w[1] < 0.9 and abs(sum(w) - 1) < 1e-9, "the prior N(0.5, 2^2) favours theta > 0"
+    for c in cells:
+        for k in ("flow_weights", "debiased_weights"):
+            assert abs(sum(c[k]) - 1) < 1e-6
+        # the mode search puts Student-t components on both modes: debias recovers the weights
+        # even from a 30-step flow
+        assert c["debiased_tv"] < 0.15, c
+        assert c["n_modes_found"] >= 2
