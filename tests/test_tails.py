@@ -51,7 +51,7 @@ def _sphere_points(n, dim, radius, dtype, seed):
        std=st.floats(0.02, 0.2), seed=st.integers(0, 10_000))
 def test_log_prob_equals_the_sampling_density_on_perturbed_flows(family, dtype, std, seed):
     torch.manual_seed(seed)
-    flow = randomized(krflows.KRFlow(4, transform=family, layers=2, hidden=(16, 16)),
+    flow = randomized(krflows.KRFlow(4, family=family, layers=2, hidden=(16, 16)),
                       std=std, seed=seed).to(dtype)
     z = _sphere_points(128, 4, 8.0, dtype, seed)
     with torch.no_grad():
