@@ -151,7 +151,7 @@ def fit(
         history["modes"] = [0 if mixture is None else mixture.k]
     elif flow.affine is not None and warmup > 0:
         # forward KL: the affine stage starts at the samples' moments (exact for a Gaussian)
-        flow.affine.initialize(samples.mean(0), torch.cov(samples.T).reshape(flow.dim, flow.dim))
+        flow.initialize_gaussian(samples.mean(0), torch.cov(samples.T).reshape(flow.dim, flow.dim))
     params = [p for p in flow.parameters() if p.requires_grad]
     opt, sched = adam_cosine(params, lr, steps, weight_decay)
     start, dropped, skipped, warned = time.perf_counter(), 0, 0, False

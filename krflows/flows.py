@@ -190,6 +190,39 @@ class KRFlow(nn.Module):
     def _to_user_order(self, y: Tensor) -> Tensor:
         return y if self.order is None else Permutation(self.order)(y)
 
+    @torch.no_grad()
+    def initialize_gaussian(self, mean: Tensor, cov: Tensor) -> None:
+        r"""Sets the affine stage to the KR map of ``N(mean, cov)`` given in the **user's**
+        coordinates (the stage itself acts in the flow's order: ``mean[order]``,
+        ``cov[order][:, order]``). With identity layers (a fresh flow) the flow is then
+        exactly ``N(mean, cov)``.
+
+        Arguments:
+            mean: ``(d,)``.
+            cov: ``(d, d)``, or the variances ``(d,)`` (a diagonal covariance).
+
+        Example:
+            >>> flow = KRFlow(2, order=[1, 0])
+            >>> cov = torch.tensor([[4.0, 1.0], [1.0, 1.0]])
+            >>> flow.initialize_gaussian(torch.tensor([1.0, -1.0]), cov)
+            >>> x = torch.tensor([[0.5, 0.2]])
+            >>> mvn = torch.distributions.MultivariateNormal(torch.tensor([1.0, -1.0]), cov)
+            >>> bool(torch.allclose(flow.log_prob(x), mvn.log_prob(x), atol=1e-5))
+            True
+        """
+        if self.affine is None:
+            raise ValueError("the flow has no affine stage (affine_stage=False): nothing to initialize")
+        mean, cov = torch.as_tensor(mean).to(self._ref), torch.as_tensor(cov).to(self._ref)
+        if mean.shape != (self.dim,) or cov.shape not in ((self.dim,), (self.dim, self.dim)):
+            raise ValueError(f"mean must have shape ({self.dim},) and cov ({self.dim},) or "
+                             f"({self.dim}, {self.dim}), got {tuple(mean.shape)} and {tuple(cov.shape)}")
+        if self.order is not None:
+            mean = mean[self.order]
+            cov = cov[self.order] if cov.dim() == 1 else cov[self.order][:, self.order]
+        if cov.dim() == 1 and isinstance(self.affine, LowerAffine):
+            cov = torch.diag(cov)
+        self.affine.initialize(mean, cov)
+
     def forward(self, z: Tensor | None = None) -> Tensor | torch.distributions.Distribution:
         """``x = T(z)``; without ``z``, the flow's law as a torch and Pyro distribution
         (:class:`~krflows.distribution.FlowDistribution`, zuko's ``flow()``)."""

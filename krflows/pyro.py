@@ -434,11 +434,8 @@ class AutoKRFlow(AutoContinuous):
         restored = self._sync_param_store(flow)  # a loaded param store wins (or fails loudly)
         if flow.affine is not None and not restored:
             loc = self._init_loc().to(potential.dtype)
-            if isinstance(flow, SparseKRFlow):  # variances alone: no d x d matrix
-                loc = loc if flow.order is None else loc[flow.order]  # the stage acts in flow order
-                flow.affine.initialize(loc, torch.full_like(loc, self._init_scale ** 2))
-            else:
-                flow.affine.initialize(loc, self._init_scale ** 2 * torch.eye(self.latent_dim).to(loc))
+            # variances alone: no d x d matrix for the sparse stage
+            flow.initialize_gaussian(loc, torch.full_like(loc, self._init_scale ** 2))
             if self._warmup > 0:
                 warm_up(flow, potential, steps=self._warmup, batch_size=self._warmup_batch)
         self._potential = potential

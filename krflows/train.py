@@ -211,7 +211,7 @@ def warm_start(flow, target, steps: int = 200, batch_size: int = 256, *, modes="
     mixture = ModeMixture.from_modes(modes, like=flow.affine.shift)
     if mixture is None:
         return None, warm_up(flow, target, steps, batch_size, beta=beta, nan=nan)
-    flow.affine.initialize(*mixture.moments())
+    flow.initialize_gaussian(*mixture.moments())  # the mixture lives in the user's coordinates
     params = [p for p in flow.parameters() if p.requires_grad]
     opt = adam(params, lr=3 * lr)
     losses = []
