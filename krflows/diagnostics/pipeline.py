@@ -198,7 +198,7 @@ def _diagnose(flow, target, n, reference, functions, seed, n_exact, n_sub, n_inv
     stages = [rev, fwd, mode_stats(target, fs.x, fs.log_p, y, log_p_y, valley_level, max_modes),
               None if y is None else distances(fs.x, y, n_sub, seed),
               conditioning(flow, target, fs.x, z, log_diag, y, n_inverse),
-              mode_search(flow, target, fs.x, rev.log_z, modes, mode_options)]
+              mode_search(flow, target, fs.x, rev.log_z, modes, mode_options, fs.log_w)]
     e = {**fs.counts, **({} if ts is None else ts.counts)}
     for stage in stages:
         e.update(_fields(stage))

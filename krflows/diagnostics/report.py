@@ -115,7 +115,8 @@ LAYOUT: tuple[Entry, ...] = (
     Entry("missed_mass", "missed mass (Laplace)", _MODES, None, "fraction",
           "of the target, by the modes' Laplace masses", "the target's mass in the missed modes"),
     Entry("log_z_missed_bias", "log Z underestimated by", _MODES, None, "nats",
-          "log(1 + sum M_missed / Z_IS)", "the implied bias of the flow's log Z"),
+          "log(1 - s + sum M_missed / Z_IS), s = the share of Z_IS from draws near missed modes; "
+          "negative: Z_IS overestimates", "the implied bias of the flow's log Z"),
     Entry("missed_modes", "missed modes", doc="one dict per missed mode: ``location``, ``log_density``, "
           "``log_mass``, ``expected_mass``, ``flow_mass``, ``log_density_ratio``, ``negative_definite``"),
     Entry("mode_search_seconds", "mode search seconds", unit="s", doc="wall time of the mode search"),
@@ -247,8 +248,10 @@ def _missed_message(e: Mapping) -> str:
                       f"of the mass, flow {100 * r['flow_mass']:.1f}%)" for r in rows[:3])
     more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
     msg = (f"the flow misses {len(rows)} mode{'s' if len(rows) > 1 else ''} found by a mode search: "
-           f"{where}{more}; ≈{100 * e['missed_mass']:.0f}% of the target's mass is missing and log Z "
-           f"is underestimated by ≈{e['log_z_missed_bias']:.2g} nats")
+           f"{where}{more}; ≈{100 * e['missed_mass']:.0f}% of the target's mass is missing and "
+           + (f"log Z is underestimated by ≈{e['log_z_missed_bias']:.2g} nats" if e["log_z_missed_bias"] >= 0
+              else f"log Z is overestimated by ≈{-e['log_z_missed_bias']:.2g} nats (the few draws "
+                   f"in the missed mode carry huge weights)"))
     if e.get("ess", 0.0) > 0.5:
         msg += f" (the reverse ESS {e['ess']:.2f} cannot see this)"
     return msg + "; krflows.debias(flow, target) restores them"
