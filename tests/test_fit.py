@@ -190,3 +190,18 @@ def test_forward_kl_start_respects_order():
                 objective="forward_kl", samples=samples, progress=False)
     emp = torch.distributions.MultivariateNormal(samples.mean(0), torch.cov(samples.T))
     assert torch.allclose(flow.log_prob(samples[:100]), emp.log_prob(samples[:100]), atol=1e-8)
+
+
+def test_warm_up_trains_the_affine_stage_alone_and_restores_grad_flags():
+    # The warm-up freezes the layers (no graph through them): afterwards every parameter must
+    # require grad again, the layers must be untouched, and the affine stage must have moved.
+    from krflows.train import warm_up
+
+    torch.manual_seed(0)
+    flow = krflows.KRFlow(3)
+    layers = {k: v.clone() for k, v in flow.conditioners.state_dict().items()}
+    shift = flow.affine.shift.detach().clone()
+    warm_up(flow, krflows.targets.Gaussian(torch.tensor([2.0, 0.0, -1.0]), torch.eye(3)), steps=50)
+    assert all(p.requires_grad for p in flow.parameters())
+    assert all(torch.equal(v, flow.conditioners.state_dict()[k]) for k, v in layers.items())
+    assert not torch.equal(shift, flow.affine.shift)
