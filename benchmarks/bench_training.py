@@ -16,8 +16,10 @@ diagonal; a library that fails is excluded from every measurement and reported.
 Measured (see ``benchmarks/README.md``):
 
 * median milliseconds per Adam step (lr 1e-3, loss ``mean(log q(x) - log p(x))`` with
-  reparametrized samples) on funnel-10, at batch sizes 512 and 4096, libraries interleaved
-  round-robin in blocks of steps, warm-up steps excluded;
+  reparametrized samples) on funnel-10, at batch sizes 512 and 4096 (``--batches``), libraries
+  interleaved round-robin in blocks of steps, warm-up steps excluded, and beside them the
+  conditioner-MLP floor (krflows' 4 masked MLPs alone, no spline: ``FloorTrainer``);
+  ``--device cuda`` runs everything on the GPU, each timed region between synchronizations;
 * sampling (``x`` and ``log q`` in one pass) and ``log_prob`` (at fresh points) throughput;
 * the peak resident-memory increase of a training step, in a fresh subprocess per library;
 * ESS/N (20000 fresh samples) after the same number of plain Adam steps on funnel-10, banana,
@@ -31,6 +33,7 @@ Usage::
     python benchmarks/bench_training.py                  # full run, writes benchmarks/RESULTS.md
     python benchmarks/bench_training.py --quick --out /tmp/x.md    # smoke test (tiny settings)
     python benchmarks/bench_training.py --only quality --targets bimodal four-mode --out /tmp/q.md
+    python benchmarks/bench_training.py --device cuda --batches 4096 65536 --only timing throughput
 """
 
 from __future__ import annotations
