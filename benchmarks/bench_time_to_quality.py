@@ -61,7 +61,7 @@ RECIPES = {
             "tutorial (`Flow(flow.transform.inv, flow.base)`, one pass to sample), Adam lr 1e-3, batch 256, "
             "loss `log q(x).mean() - log p(x).mean()`",
     "nflows": "3 x [`MaskedPiecewiseRationalQuadraticAutoregressiveTransform(d, 64, tails='linear', "
-              "tail_bound=3)` (its defaults: 10 bins, 2 residual blocks) + `ReversePermutation`], the whole "
+              "tail_bound=5)` (its defaults: 10 bins, 2 residual blocks) + `ReversePermutation`], the whole "
               "transform inverted to sample in one pass, `StandardNormal` base, `torch.optim.Adam` default "
               "lr 1e-3, batch 256",
     "pyro": "`AutoIAFNormal(model)` (its defaults: one IAF, hidden 3d + 10) under "
@@ -284,7 +284,7 @@ def run_nflows(problem: Problem, tracker: Tracker) -> None:
 
     layers = []
     for _ in range(3):
-        layers += [MaskedRQS(problem.dim, 64, tails="linear", tail_bound=3.0),
+        layers += [MaskedRQS(problem.dim, 64, tails="linear", tail_bound=5.0),
                    ReversePermutation(problem.dim)]
     # nflows samples through `inverse` (d passes of each MADE): inverting the whole transform
     # makes sampling one MADE pass per layer, as zuko's tutorial does for reverse KL
