@@ -16,8 +16,10 @@ diagonal; a library that fails is excluded from every measurement and reported.
 Measured (see ``benchmarks/README.md``):
 
 * median milliseconds per Adam step (lr 1e-3, loss ``mean(log q(x) - log p(x))`` with
-  reparametrized samples) on funnel-10, at batch sizes 512 and 4096, libraries interleaved
-  round-robin in blocks of steps, warm-up steps excluded;
+  reparametrized samples) on funnel-10, at batch sizes 512 and 4096 (``--batches``), libraries
+  interleaved round-robin in blocks of steps, warm-up steps excluded, and beside them the
+  conditioner-MLP floor (krflows' 4 masked MLPs alone, no spline: ``FloorTrainer``);
+  ``--device cuda`` runs everything on the GPU, each timed region between synchronizations;
 * sampling (``x`` and ``log q`` in one pass) and ``log_prob`` (at fresh points) throughput;
 * the peak resident-memory increase of a training step, in a fresh subprocess per library;
 * ESS/N (20000 fresh samples) after the same number of plain Adam steps on funnel-10, banana,
@@ -31,6 +33,7 @@ Usage::
     python benchmarks/bench_training.py                  # full run, writes benchmarks/RESULTS.md
     python benchmarks/bench_training.py --quick --out /tmp/x.md    # smoke test (tiny settings)
     python benchmarks/bench_training.py --only quality --targets bimodal four-mode --out /tmp/q.md
+    python benchmarks/bench_training.py --device cuda --batches 4096 65536 --only timing throughput
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -58,11 +62,15 @@ from torch import Tensor
 import krflows
 from krflows.diagnostics import ess
 
-LIBRARIES = ("krflows", "krflows-compile", "zuko", "zuko-compile", "nflows", "pyro")
-COMPILED = ("krflows-compile", "zuko-compile")  # torch.compile'd hot paths; not in --quick's default
+LIBRARIES = ("krflows", "krflows-compile", "krflows-compile-cg", "zuko", "zuko-compile", "nflows", "pyro")
+# torch.compile'd hot paths; not in --quick's default
+COMPILED = ("krflows-compile", "krflows-compile-cg", "zuko-compile")
+CUDA_ONLY = ("krflows-compile-cg",)  # CUDA graphs (mode="reduce-overhead"): not in a CPU run's default
 # (numerator, denominator) of the ratio columns
 RATIOS = (("krflows", "zuko"), ("krflows", "nflows"), ("krflows", "pyro"),
-          ("krflows-compile", "zuko"), ("krflows-compile", "zuko-compile"))
+          ("krflows-compile", "zuko"), ("krflows-compile", "zuko-compile"),
+          ("krflows-compile-cg", "zuko-compile"))
+FLOOR = "mlp-floor"  # the conditioner MLPs alone, timed with the libraries (see `build_floor`)
 BIMODAL_WEIGHTS = (0.3, 0.7)
 # four unit-sd modes on the corners of a square of side 9 (neighbours 9 sd apart), as in
 # experiments/mode_covering_defaults.py (issue 11's four-mode goal: mode-weight TV <= 0.1)
@@ -82,13 +90,14 @@ class Settings:
     bound: float = 5.0  # spline box [-bound, bound] in every library
     lr: float = 1e-3
     batches: tuple[int, ...] = (512, 4096)  # timing batch sizes
+    device: str = "cpu"  # where every model, target and batch lives
     warmup: int = 20  # untimed steps per library before timing
     rounds: int = 10  # round-robin rounds
     block: int = 10  # timed steps per library per round
     steps: int = 2000  # training steps for the ESS comparison
     train_batch: int = 256
     eval_samples: int = 20000
-    throughput_batch: int = 4096
+    throughput_batches: tuple[int, ...] = (4096,)
     throughput_reps: int = 10
     memory_batch: int = 4096
     memory_steps: int = 3
@@ -98,7 +107,7 @@ class Settings:
 
 # --quick: every code path, small sizes (smoke test only; the numbers mean nothing)
 QUICK = dict(batches=(64, 512), warmup=1, rounds=2, block=2, steps=5, train_batch=64, eval_samples=1000,
-             throughput_batch=512, throughput_reps=1, memory_batch=512, memory_steps=1, memory_repeats=1)
+             throughput_batches=(512,), throughput_reps=1, memory_batch=512, memory_steps=1, memory_repeats=1)
 
 
 # ============================================================================ the flows
@@ -247,9 +256,64 @@ CONSTRUCTION = {
 }
 
 
+def build_krflows_cudagraphs(d: int, s: Settings) -> Model:
+    """``flow.compile(mode="reduce-overhead")``: inductor plus CUDA graphs (CUDA only)."""
+    model = build_krflows(d, s)
+    model.module.compile(mode="reduce-overhead")
+    return replace(model, name="krflows-compile-cg")
+
+
+BUILDERS["krflows-compile-cg"] = build_krflows_cudagraphs
+CONSTRUCTION["krflows-compile-cg"] = ("the krflows flow after `flow.compile(mode='reduce-overhead')` "
+                                      "(inductor and CUDA graphs; CUDA only)")
+
+
 def build(name: str, d: int, s: Settings, seed: int) -> Model:
+    """Library ``name``'s flow, seeded, built directly on ``s.device``."""
     torch.manual_seed(seed)
-    return BUILDERS[name](d, s)
+    with torch.device(s.device):  # tensors a builder creates outside modules (Pyro's base) too
+        model = BUILDERS[name](d, s)
+    model.module.to(s.device)
+    return model
+
+
+class FloorTrainer:
+    r"""The **conditioner-MLP floor**: krflows' own conditioners (the ``layers`` masked MLPs of
+    ``KRFlow(d, "spline", ...)``, :class:`krflows.nn.MaskedMLP`, same shapes and block products)
+    with no spline, doing what a training step does around them: draw ``z``, run the layers in
+    sequence (``h <- h + sum_p params(h)[..., p]``, so each layer's input depends on the one
+    before, as in the flow), backward, one Adam step. A step of any flow with these
+    conditioners costs at least this much.
+    """
+
+    def __init__(self, s: Settings, batch: int):
+        flow = build("krflows", s.dim, s, s.seed)
+        self.nets = flow.module.conditioners
+        self.batch, self.dim, self.device = batch, s.dim, torch.device(s.device)
+        self.opt = torch.optim.Adam(self.nets.parameters(), lr=s.lr)
+        self.nonfinite = 0
+
+    def step(self) -> None:
+        h = torch.randn(self.batch, self.dim, device=self.device)
+        for net in self.nets:
+            h = h + net(h).sum(-1)
+        loss = h.square().mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+def cudagraph_step(model: Model) -> None:
+    """Tells CUDA-graph trees that a new iteration begins (``krflows-compile-cg`` only): the
+    outputs of the previous replay may then be overwritten."""
+    if model.name.endswith("-cg"):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def synchronize(s: Settings) -> None:
+    """Waits for the device's queued kernels (CUDA runs asynchronously): call around timed regions."""
+    if torch.device(s.device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def n_params(model: Model) -> int:
@@ -307,6 +371,7 @@ class Trainer:
 
     def step(self) -> None:
         """One Adam step on the reverse KL ``mean(log q(x) - log p(x))``, ``x = T(z)``."""
+        cudagraph_step(self.model)
         x, log_q = self.model.rsample_and_log_prob(self.batch)
         diff = log_q - self.target(x)
         if self.guard:
@@ -327,56 +392,88 @@ class Trainer:
         self.opt.step()
 
 
+def _trainer(name: str, s: Settings, target, batch: int) -> Trainer:
+    return Trainer(build(name, s.dim, s, s.seed), target, batch, s.lr, guard=False)
+
+
+def _warmed_up(name: str, make: Callable[[], object], s: Settings, log):
+    """A trainer after its untimed warm-up steps, or None (logged) if building or stepping raised."""
+    try:
+        t = make()
+        for _ in range(s.warmup):
+            t.step()
+        synchronize(s)
+        return t
+    except Exception as exc:  # noqa: BLE001 - one library failing (e.g. CUDA graphs) must not end the run
+        log(f"  {name} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+            f"not timed")
+        return None
+
+
 def time_training(libs: list[str], s: Settings, log) -> dict[tuple[str, int], float]:
-    """Median ms per Adam step, libraries interleaved round-robin in blocks of steps."""
+    """Median ms per Adam step, libraries and the conditioner-MLP floor (``FLOOR``) interleaved
+    round-robin in blocks of steps; each step is timed between device synchronizations."""
     out: dict[tuple[str, int], float] = {}
     for batch in s.batches:
-        target = krflows.targets.Funnel(s.dim)
-        trainers = {name: Trainer(build(name, s.dim, s, s.seed), target, batch, s.lr, guard=False)
-                    for name in libs}
-        for t in trainers.values():
-            for _ in range(s.warmup):
-                t.step()
-        times: dict[str, list[float]] = {name: [] for name in libs}
+        target = krflows.targets.Funnel(s.dim, device=s.device)
+        makers = {name: partial(_trainer, name, s, target, batch) for name in libs}
+        makers[FLOOR] = partial(FloorTrainer, s, batch)
+        trainers = {name: t for name, make in makers.items()
+                    if (t := _warmed_up(name, make, s, log)) is not None}
+        names = list(trainers)
+        times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(s.rounds):
-            k = r % len(libs)
-            for name in libs[k:] + libs[:k]:  # rotate who goes first
+            k = r % len(names)
+            for name in names[k:] + names[:k]:  # rotate who goes first
                 t = trainers[name]
                 for _ in range(s.block):
+                    synchronize(s)
                     start = time.perf_counter()
                     t.step()
+                    synchronize(s)
                     times[name].append(time.perf_counter() - start)
-        for name in libs:
+        for name in names:
             out[name, batch] = 1e3 * statistics.median(times[name])
             if trainers[name].nonfinite:
                 log(f"  warning: {name} had {trainers[name].nonfinite} non-finite losses at B={batch}")
-        log(f"  B={batch}: " + ", ".join(f"{n} {out[n, batch]:.2f} ms" for n in libs))
+        log(f"  B={batch}: " + ", ".join(f"{n} {out[n, batch]:.2f} ms" for n in names))
     return out
 
 
-def time_throughput(libs: list[str], s: Settings, log) -> dict[tuple[str, str], float]:
-    """Samples per second of sampling (x and log q, one pass) and of log_prob at fresh points."""
-    n = s.throughput_batch
+def time_throughput(libs: list[str], s: Settings, log) -> dict[tuple[str, str, int], float]:
+    """Samples per second of sampling (x and log q, one pass) and of log_prob at fresh points,
+    at each of ``s.throughput_batches``; keys ``(library, "sample" | "log_prob", batch)``."""
+    out: dict[tuple[str, str, int], float] = {}
     models = {name: build(name, s.dim, s, s.seed) for name in libs}
-    with torch.no_grad():
-        points = {name: models[name].rsample_and_log_prob(n)[0] for name in libs}
-        times: dict[tuple[str, str], list[float]] = {(name, k): [] for name in libs
-                                                     for k in ("sample", "log_prob")}
-        for r in range(s.throughput_reps + 1):  # the first repetition is a warm-up
-            k = r % len(libs)
-            for name in libs[k:] + libs[:k]:
-                m = models[name]
-                start = time.perf_counter()
-                m.rsample_and_log_prob(n)
-                mid = time.perf_counter()
-                m.log_prob(points[name].clone())  # a new tensor: no cached inverse to reuse
-                end = time.perf_counter()
-                if r:
-                    times[name, "sample"].append(mid - start)
-                    times[name, "log_prob"].append(end - mid)
-    out = {key: n / statistics.median(v) for key, v in times.items()}
-    log("  " + ", ".join(f"{name} {out[name, 'sample']:.3g}/{out[name, 'log_prob']:.3g}" for name in libs)
-        + " samples/s (sample/log_prob)")
+    for n in s.throughput_batches:
+        with torch.no_grad():
+            points = {}
+            for name in libs:
+                cudagraph_step(models[name])
+                points[name] = models[name].rsample_and_log_prob(n)[0].clone()
+            times: dict[tuple[str, str], list[float]] = {(name, k): [] for name in libs
+                                                         for k in ("sample", "log_prob")}
+            for r in range(s.throughput_reps + 1):  # the first repetition is a warm-up
+                k = r % len(libs)
+                for name in libs[k:] + libs[:k]:
+                    m = models[name]
+                    synchronize(s)
+                    start = time.perf_counter()
+                    cudagraph_step(m)
+                    m.rsample_and_log_prob(n)
+                    synchronize(s)
+                    mid = time.perf_counter()
+                    cudagraph_step(m)
+                    m.log_prob(points[name].clone())  # a new tensor: no cached inverse to reuse
+                    synchronize(s)
+                    end = time.perf_counter()
+                    if r:
+                        times[name, "sample"].append(mid - start)
+                        times[name, "log_prob"].append(end - mid)
+        for (name, kind), v in times.items():
+            out[name, kind, n] = n / statistics.median(v)
+        log(f"  B={n}: " + ", ".join(f"{name} {out[name, 'sample', n]:.3g}/{out[name, 'log_prob', n]:.3g}"
+                                     for name in libs) + " samples/s (sample/log_prob)")
     return out
 
 
@@ -397,7 +494,7 @@ def memory_probe(name: str, s: Settings) -> dict:
     exec); ``VmHWM`` is the high-water mark of this process's own memory map, and writing
     5 to /proc/self/clear_refs resets it to the current RSS just before the steps.
     """
-    target = krflows.targets.Funnel(s.dim)
+    target = krflows.targets.Funnel(s.dim, device=s.device)
     trainer = Trainer(build(name, s.dim, s, s.seed), target, s.memory_batch, s.lr, guard=False)
     trainer.step()  # untimed warm-up: Adam's state and (compiled libraries) the compilation
     try:
@@ -434,7 +531,7 @@ def saved_for_backward_mib(model: Model, target, batch: int) -> float:
 
 
 def measure_saved(libs: list[str], s: Settings, log) -> dict[str, float]:
-    target = krflows.targets.Funnel(s.dim)
+    target = krflows.targets.Funnel(s.dim, device=s.device)
     out = {name: saved_for_backward_mib(build(name, s.dim, s, s.seed), target, s.memory_batch)
            for name in libs}
     log("  saved for backward: " + ", ".join(f"{n} {v:.1f} MiB" for n, v in out.items()))
@@ -447,6 +544,9 @@ def measure_memory(libs: list[str], s: Settings, threads: int, log) -> dict[str,
     out: dict[str, float] = {}
     if not Path("/proc/self/status").exists():
         log("  skipped: needs Linux /proc")
+        return out
+    if torch.device(s.device).type != "cpu":
+        log(f"  skipped: the resident set is host memory, the models live on {s.device}")
         return out
     deltas: dict[str, list[float]] = {name: [] for name in libs}
     for _ in range(s.memory_repeats):
@@ -499,18 +599,19 @@ def evaluate(model: Model, target, n: int, modes: bool) -> Quality:
 
 
 def make_targets(s: Settings) -> dict[str, krflows.targets.Target]:
-    return {
+    targets = {
         f"funnel-{s.dim}": krflows.targets.Funnel(s.dim),
         "banana": krflows.targets.Banana(),
         "bimodal": krflows.targets.Bimodal2D(separation=8, weights=BIMODAL_WEIGHTS),
         "four-mode": krflows.targets.GaussianMixture(FOUR_MODE_MEANS, weights=FOUR_MODE_WEIGHTS),
     }
+    return {name: t.to(device=s.device) for name, t in targets.items()}
 
 
 def _train_one(name: str, target, s: Settings, modes: bool) -> Quality:
     if name == "krflows fit()":
         torch.manual_seed(s.seed)
-        flow = krflows.KRFlow(target.dim)
+        flow = krflows.KRFlow(target.dim).to(s.device)
         history = krflows.fit(flow, target, steps=s.steps, batch_size=s.train_batch)
         model = Model(name, flow, lambda n: flow.rsample_and_log_prob((n,)), flow.forward, flow.log_prob)
         q = evaluate(model, target, s.eval_samples, modes)
@@ -559,7 +660,7 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
-def machine_info(threads: int) -> dict[str, str]:
+def machine_info(threads: int, device: str = "cpu") -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -576,7 +677,18 @@ def machine_info(threads: int) -> dict[str, str]:
     return {"CPU": cpu, "cores": f"{cores} logical ({usable} usable by this process)",
             "torch threads": f"{threads} intra-op (torch.get_num_threads() = {torch.get_num_threads()})",
             "load average (1/5/15 min) at start": load,
-            "OS": platform.platform()}
+            "OS": platform.platform(), **gpu_info(device)}
+
+
+def gpu_info(device: str) -> dict[str, str]:
+    """The CUDA card's name, memory and driver-side versions (empty on the CPU)."""
+    if torch.device(device).type != "cuda":
+        return {"device": "cpu"}
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"device": f"cuda: {props.name}, {props.total_memory / 2 ** 30:.0f} GiB, "
+                      f"{props.multi_processor_count} SMs, compute capability {props.major}.{props.minor}",
+            "CUDA (torch build)": str(torch.version.cuda),
+            "TF32 matmul": str(torch.backends.cuda.matmul.allow_tf32)}
 
 
 def versions() -> dict[str, str]:
@@ -611,10 +723,11 @@ def results_table(libs: list[str], s: Settings, params, timing, throughput, memo
     if timing:
         for b in s.batches:
             row(f"train step, B={b}, ms (median; lower is better)", {n: timing.get((n, b)) for n in libs})
-    tb = s.throughput_batch
     if throughput:
-        row(f"sample + log q, B={tb}, samples/s", {n: throughput.get((n, "sample")) for n in libs})
-        row(f"log_prob at fresh x, B={tb}, samples/s", {n: throughput.get((n, "log_prob")) for n in libs})
+        for tb in s.throughput_batches:
+            row(f"sample + log q, B={tb}, samples/s", {n: throughput.get((n, "sample", tb)) for n in libs})
+            row(f"log_prob at fresh x, B={tb}, samples/s",
+                {n: throughput.get((n, "log_prob", tb)) for n in libs})
     if saved:
         row(f"saved for backward in a train step, B={s.memory_batch}, MiB", {n: saved.get(n) for n in libs})
     if memory:
@@ -641,6 +754,20 @@ def results_table(libs: list[str], s: Settings, params, timing, throughput, memo
         row(f"{tname}: total variation of the mode masses", {},
             {n: f"{0.5 * sum(abs(v - w) for v, w in zip(m, truth, strict=True)):.3f}" if m else "—"
              for n, m in mass.items()}, ratios=False)
+    return "\n".join(rows)
+
+
+def floor_table(libs: list[str], s: Settings, timing: dict[tuple[str, int], float]) -> str:
+    """The conditioner-MLP floor against krflows' step times, at each timing batch size."""
+    flows = [n for n in ("krflows", "krflows-compile", "krflows-compile-cg") if n in libs]
+    head = ["B", f"{FLOOR} ms", *(c for n in flows for c in (f"{n} ms", f"{n} / floor"))]
+    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for b in s.batches:
+        floor = timing.get((FLOOR, b))
+        cells = [str(b), _fmt(floor)]
+        for n in flows:
+            cells += [_fmt(timing.get((n, b))), _ratio(timing.get((n, b)), floor)]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -678,6 +805,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "checks always run (a library failing them is not measured)")
     p.add_argument("--targets", nargs="+", choices=("funnel", "banana", "bimodal", "four-mode"),
                    help="quality section: only these targets (default: all)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where models, targets and batches live (default cpu); timed regions are "
+                        "bracketed by torch.cuda.synchronize() on cuda")
+    p.add_argument("--batches", type=int, nargs="+", metavar="B",
+                   help="batch sizes of the timing and throughput sections (default: timing 512 4096, "
+                        "throughput 4096; --quick: 64 512 and 512)")
     p.add_argument("--memory-probe", metavar="LIB", help=argparse.SUPPRESS)
     p.add_argument("--memory-steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--memory-batch", type=int, help=argparse.SUPPRESS)
@@ -690,9 +823,15 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = 1 if args.quick else 2
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
-    s = Settings(seed=args.seed)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to torch")
+    s = Settings(seed=args.seed, device=args.device)
     if args.quick:
         s = replace(s, **QUICK)
+    if args.batches is not None:
+        if min(args.batches) < 1:
+            raise SystemExit(f"--batches must be positive batch sizes, got {args.batches}")
+        s = replace(s, batches=tuple(args.batches), throughput_batches=tuple(args.batches))
     if args.steps is not None:
         s = replace(s, steps=args.steps)
     if args.memory_steps is not None:
@@ -703,17 +842,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_probe(args.memory_probe, s)))
         return 0
     if args.libs is None:
-        args.libs = ",".join(n for n in LIBRARIES if not (args.quick and n in COMPILED))
+        args.libs = ",".join(n for n in LIBRARIES if not (args.quick and n in COMPILED)
+                             and not (args.device != "cuda" and n in CUDA_ONLY))
     libs = [n.strip() for n in args.libs.split(",") if n.strip()]
     unknown = sorted(set(libs) - set(LIBRARIES))
     if unknown:
         raise SystemExit(f"unknown libraries {unknown}; choose from {LIBRARIES}")
+    if args.device != "cuda" and set(libs) & set(CUDA_ONLY):
+        raise SystemExit(f"{sorted(set(libs) & set(CUDA_ONLY))} need --device cuda (CUDA graphs)")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    info, vers = machine_info(args.threads), versions()
+    info, vers = machine_info(args.threads, args.device), versions()
     log(f"triangularity of dT/dz (autograd, one point, d={s.dim}, perturbed parameters):")
     checks = {name: check_triangular(name, s, s.seed) for name in libs}
     for name, c in checks.items():
@@ -728,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         log("timing train steps:")
         timing = time_training(libs, s, log)
     if "throughput" in args.only:
-        log(f"throughput at B={s.throughput_batch}:")
+        log(f"throughput at B={', '.join(map(str, s.throughput_batches))}:")
         throughput = time_throughput(libs, s, log)
     if "memory" in args.only:
         log(f"activation memory (tensors saved for backward, B={s.memory_batch}):")
@@ -744,6 +886,9 @@ def main(argv: list[str] | None = None) -> int:
 
     table = results_table(libs, s, params, timing, throughput, memory, quality, saved)
     print(table)
+    floor = floor_table(libs, s, timing) if timing else ""
+    if floor:
+        print("\n" + floor)
     command = "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -756,7 +901,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.quick:
         lines += ["**`--quick` run: tiny settings for a smoke test; the numbers mean nothing.**", ""]
-    lines += ["## Results", "", table, "",
+    lines += ["## Results", "", table, ""]
+    if floor:
+        lines += ["### Conditioner-MLP floor", "",
+                  f"`{FLOOR}`: krflows' own conditioners alone ({s.layers} `krflows.nn.MaskedMLP`, "
+                  f"hidden {s.hidden}, the shapes of the flow's layers, block products included), "
+                  "no spline: draw z, run the layers in sequence (each layer's input depends on the "
+                  "previous layer's output), backward, one Adam step; timed in the same interleaved "
+                  "rounds as the libraries. No step of a flow with these conditioners can be faster.",
+                  "", floor, ""]
+    lines += [
               "Ratios are krflows (the matched architecture, same plain Adam loop as the peers) over "
               "the peer, and krflows-compile over zuko (eager) and over zuko-compile (zuko's training "
               "call under `torch.compile`, the like-for-like comparison): below 1 is better for times "

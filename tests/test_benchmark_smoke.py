@@ -1,12 +1,14 @@
 """The peer benchmark script runs (tiny settings), so it never rots."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "bench_training.py"
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "bench_training.py"
 
 
 @pytest.mark.slow
@@ -17,3 +19,40 @@ def test_benchmark_quick_mode_writes_a_table(tmp_path):
                    check=True, timeout=600, capture_output=True)
     text = out.read_text()
     assert "krflows" in text and "zuko" in text and "|" in text
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_a_report(tmp_path):
+    """``benchmarks/gpu_check.sh --dry-run``: every step of the GPU check on the CPU (the CUDA
+    tests skip), exit 0, and a report with each step's wall time and the benchmark tables."""
+    pytest.importorskip("zuko")
+    out = tmp_path / "RESULTS_gpu.md"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+                          cwd=REPO, env=env, timeout=600, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    for step in ("card", "cuda_tests", "fit", "benchmark"):
+        assert f"| {step} | " in text and f"[gpu_check] {step}: ok in " in proc.stdout
+    assert "skipped" in text and "ESS/N" in text
+    assert "| metric | krflows | zuko |" in text and "mlp-floor" in text
+
+
+@pytest.mark.slow
+def test_time_to_quality_smoke_writes_a_table_and_a_plot(tmp_path):
+    """``bench_time_to_quality.py --smoke``: every library on every target for a second each;
+    the table has a cell per (target, library), none of them an error, and the plot is written."""
+    pytest.importorskip("zuko")
+    pytest.importorskip("nflows")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_time_to_quality.py"), "--smoke",
+                           "--out", str(tmp_path)], timeout=600, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = (tmp_path / "RESULTS_ttq.md").read_text()
+    assert "SMOKE" in text and "| target | krflows | zuko | nflows | pyro |" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| banana |", "| funnel-10 |",
+                                                                   "| eight-schools |"))]
+    assert len(rows) == 3 + 3 * 4, rows  # the summary table, then one detail row per run
+    assert not any("error" in row for row in rows), rows
+    assert all(("not reached" in c or " s** (" in c) for row in rows[:3] for c in row.split(" | ")[1:]), rows
+    png = tmp_path / "time_to_quality.png"
+    assert png.is_file() and 0 < png.stat().st_size < 300_000

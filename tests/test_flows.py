@@ -212,13 +212,6 @@ def test_edge_options_are_accepted():
     assert torch.isfinite(flow.log_prob(flow.sample((3,)))).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda():
-    flow = make_flow("spline", 3).cuda()
-    x, log_q = flow.rsample_and_log_prob((128,))
-    assert x.is_cuda and torch.allclose(flow.log_prob(x), log_q, atol=1e-6)
-
-
 def _draw(flow, seed, n=64):
     torch.manual_seed(seed)
     x, log_q = flow.rsample_and_log_prob((n,))

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# krflows on a GPU in one go (issue 16, goal 3): the card, the CUDA tests, a `krflows fit` run on
+# the GPU and the training benchmark at B = 4096 and 65536 against zuko (eager and compiled),
+# written to benchmarks/RESULTS_gpu.md with the card's name. About 4 minutes on an H100.
+#
+#   bash benchmarks/gpu_check.sh                 # on a GPU machine, from the repository root
+#   bash benchmarks/gpu_check.sh --dry-run       # the same steps on the CPU, tiny budgets (~1 min)
+#   bash benchmarks/gpu_check.sh --out PATH      # another report file
+#
+# Needs krflows[bench] installed (zuko, nflows) in the Python that $PYTHON names (default
+# `python`). Every step runs even if an earlier one failed; the exit status is 1 if any failed.
+set -euo pipefail
+
+DRY=0
+OUT=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY=1; shift ;;
+    --out) OUT="$2"; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --out PATH)" >&2; exit 2 ;;
+  esac
+done
+
+PYTHON="${PYTHON:-python}"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/krflows_gpu_check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+
+if [[ $DRY == 1 ]]; then
+  OUT="${OUT:-$WORK/RESULTS_gpu_dryrun.md}"
+  ACCEL=cpu; DEVICE=cpu; FIT_STEPS=5
+  BENCH=(--device cpu --quick --batches 64 256 --libs krflows,zuko --threads 1)
+  CUDA_TESTS=(tests/test_cuda.py -m cuda -q -p no:cacheprovider)
+else
+  OUT="${OUT:-benchmarks/RESULTS_gpu.md}"
+  ACCEL=gpu; DEVICE=cuda; FIT_STEPS=500
+  BENCH=(--device cuda --batches 4096 65536
+         --libs "${GPU_CHECK_LIBS:-krflows,krflows-compile,krflows-compile-cg,zuko,zuko-compile}")
+  CUDA_TESTS=(tests/test_cuda.py -m cuda -q -p no:cacheprovider)
+fi
+
+STEPS=()      # "| name | seconds | status |" rows for the report
+FAILED=0
+
+# run_step NAME CMD...: runs CMD with its output on the terminal and in $WORK/NAME.log, prints
+# and records its wall time; a failure is recorded, not fatal.
+run_step() {
+  local name="$1"; shift
+  local start end secs status
+  echo "=== [gpu_check] $name: $*"
+  start=$(date +%s.%N)
+  if "$@" 2>&1 | tee "$WORK/$name.log"; then status=ok; else status="FAILED (exit ${PIPESTATUS[0]})"; FAILED=1; fi
+  end=$(date +%s.%N)
+  secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
+  echo "=== [gpu_check] $name: $status in $secs s"
+  STEPS+=("| $name | $secs | $status |")
+}
+
+card_info() {
+  if [[ $DRY == 1 ]]; then
+    echo "dry run on the CPU: no GPU used"
+    command -v nvidia-smi >/dev/null && nvidia-smi -L || true
+    return 0
+  fi
+  nvidia-smi
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
+  "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'device:', torch.cuda.get_device_name())"
+}
+
+fit_on_device() {
+  "$PYTHON" -m krflows.cli fit --model.target banana --trainer.accelerator "$ACCEL" \
+    --trainer.max_steps "$FIT_STEPS" --trainer.enable_progress_bar false \
+    --root_dir "$WORK/runs" --name gpu_check
+  test -s "$WORK/runs/gpu_check/report.md"
+}
+
+TOTAL_START=$(date +%s.%N)
+run_step card card_info
+run_step cuda_tests "$PYTHON" -m pytest "${CUDA_TESTS[@]}"
+run_step fit fit_on_device
+run_step benchmark "$PYTHON" benchmarks/bench_training.py "${BENCH[@]}" --only timing throughput \
+  --out "$WORK/bench.md"
+TOTAL=$(awk -v a="$TOTAL_START" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
+
+if [[ $DRY == 1 ]]; then
+  CARD="none (--dry-run on the CPU)"
+else
+  CARD="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 || echo unknown)"
+fi
+
+mkdir -p "$(dirname "$OUT")"
+{
+  echo "# krflows GPU check: $CARD"
+  echo
+  echo "Written by \`bash benchmarks/gpu_check.sh$([[ $DRY == 1 ]] && echo ' --dry-run')\` on" \
+       "$(date -u '+%Y-%m-%d %H:%M UTC') in $TOTAL s (device: $DEVICE)."
+  [[ $DRY == 1 ]] && echo && echo "**Dry run on the CPU with tiny budgets: the numbers mean nothing.**"
+  echo
+  echo "| step | wall s | status |"
+  echo "|---|---|---|"
+  printf '%s\n' "${STEPS[@]}"
+  echo
+  echo "CUDA tests (\`pytest -m cuda tests/test_cuda.py\`): $(grep -E '(passed|failed|skipped|error)' \
+       "$WORK/cuda_tests.log" | tail -n 1 || echo 'no summary')"
+  echo
+  echo "\`krflows fit --model.target banana --trainer.accelerator $ACCEL --trainer.max_steps $FIT_STEPS\`:"
+  echo
+  echo '```'
+  grep -E '^(ELBO|ESS/N|log Z|Pareto|missed)' "$WORK/fit.log" || echo "(no summary: see the step's status)"
+  echo '```'
+  echo
+  if [[ -s "$WORK/bench.md" ]]; then
+    sed -e 's/^## /### /' -e 's/^# krflows training benchmark/## Training benchmark/' "$WORK/bench.md"
+  else
+    echo "## Training benchmark"
+    echo
+    echo "(not written: see the step's status)"
+  fi
+} > "$OUT"
+echo "=== [gpu_check] wrote $OUT ($TOTAL s in all)"
+exit "$FAILED"

@@ -1,0 +1,125 @@
+"""krflows on a CUDA device: every family, compile, fit, Lightning on a GPU, save/load to the CPU.
+
+All tests are marked ``cuda`` and skipped without a CUDA device; ``pytest -m cuda`` runs only
+them (``benchmarks/gpu_check.sh`` does). The oracle is the CPU: the same weights and the same
+reference points give the same samples and densities on the CPU, up to the dtype's rounding.
+
+``KRFLOWS_TEST_DEVICE=cpu pytest -m cuda tests/test_cuda.py`` rehearses them on the CPU (the
+device comparisons are then trivially equal, everything else is checked as on a GPU).
+"""
+
+import copy
+import os
+
+import lightning as L
+import pytest
+import torch
+from conftest import FAMILY_NAMES, make_flow
+
+import krflows
+from krflows.lightning import KRFlowModule
+
+DEVICE = torch.device(os.environ.get("KRFLOWS_TEST_DEVICE", "cuda"))
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# (atol of the device against the CPU, atol of log_prob(x) against the sampling pass's log q)
+TOLERANCES = {torch.float64: (1e-8, 1e-6), torch.float32: (1e-4, 5e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_flow_on_device_matches_the_cpu(family, dtype):
+    cpu = make_flow(family, 3).to(dtype)
+    flow = copy.deepcopy(cpu).to(DEVICE)
+    assert flow.device.type == DEVICE.type and flow.dtype == dtype
+    same, round_trip = TOLERANCES[dtype]
+    z = torch.randn(256, 3, dtype=dtype)
+    with torch.no_grad():
+        x = flow(z.to(DEVICE))
+        assert x.device.type == DEVICE.type and x.dtype == dtype
+        torch.testing.assert_close(x.cpu(), cpu(z), atol=same, rtol=same)
+        x, log_q = flow.rsample_and_log_prob((256,))
+        assert x.device.type == DEVICE.type and torch.isfinite(log_q).all()
+        torch.testing.assert_close(flow.log_prob(x), log_q, atol=round_trip, rtol=0)
+        torch.testing.assert_close(flow.log_prob(x).cpu(), cpu.log_prob(x.cpu()), atol=round_trip, rtol=0)
+        assert flow.sample((5,)).device.type == DEVICE.type
+
+
+def _draw(flow, seed: int):
+    torch.manual_seed(seed)
+    x, log_q = flow.rsample_and_log_prob((128,))
+    grads = torch.autograd.grad(log_q.mean() + x.square().mean(), list(flow.parameters()))
+    return x.detach(), log_q.detach(), grads
+
+
+@pytest.mark.slow
+def test_compiled_flow_on_device_matches_eager():
+    """``flow.compile()`` on the device: same samples, densities and gradients as eager there."""
+    eager = make_flow("spline", 3).to(DEVICE)
+    compiled = copy.deepcopy(eager).compile()
+    (x1, lq1, g1), (x2, lq2, g2) = _draw(eager, 0), _draw(compiled, 0)
+    assert x2.device.type == DEVICE.type
+    torch.testing.assert_close(x2, x1, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lq2, lq1, atol=1e-9, rtol=1e-9)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-7)
+    torch.testing.assert_close(compiled.log_prob(x1), lq1, atol=1e-6, rtol=0)
+
+
+def test_fit_on_device_finds_a_gaussian():
+    """``krflows.fit`` with its defaults on the device (mode search included); the oracle is the
+    Gaussian target's mean and covariance."""
+    mean = torch.tensor([1.0, -2.0])
+    cov = torch.tensor([[1.0, 0.6], [0.6, 2.0]])
+    target = krflows.targets.Gaussian(mean, cov, device=DEVICE)
+    torch.manual_seed(0)
+    flow = krflows.KRFlow(2, layers=1, hidden=(16,)).to(DEVICE)
+    history = krflows.fit(flow, target, steps=100, batch_size=256)
+    assert all(map(torch.isfinite, map(torch.tensor, history["loss"])))
+    with torch.no_grad():
+        x = flow.sample((20000,))
+    assert x.device.type == DEVICE.type
+    torch.testing.assert_close(x.mean(0).cpu(), mean, atol=0.08, rtol=0)
+    torch.testing.assert_close(torch.cov(x.T).cpu(), cov, atol=0.15, rtol=0)
+
+
+class _Where(L.Callback):
+    """Records where the flow's parameters live while Lightning trains it."""
+
+    def __init__(self):
+        self.devices = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.devices |= {p.device.type for p in pl_module.flow.parameters()}
+
+
+def test_lightning_trains_on_the_gpu():
+    module = KRFlowModule(target="banana", layers=1, hidden=(8,), batch_size=64)
+    before = [p.detach().clone() for p in module.flow.parameters()]
+    where = _Where()
+    trainer = L.Trainer(accelerator="gpu" if DEVICE.type == "cuda" else "cpu", devices=1, max_steps=3,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[where])
+    trainer.fit(module)
+    assert trainer.global_step == 3 and where.devices == {DEVICE.type}
+    after = [p.detach().cpu() for p in module.flow.parameters()]
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True)), "nothing was trained"
+
+
+def test_save_on_device_load_on_cpu(tmp_path):
+    flow = make_flow("spline", 3).to(DEVICE)
+    path = tmp_path / "flow.pt"
+    krflows.save(flow, path)
+    on_cpu = krflows.load(path, map_location="cpu")
+    assert on_cpu.device.type == "cpu" and on_cpu.dtype == flow.dtype
+    back = krflows.load(path)
+    assert back.device.type == DEVICE.type
+    with torch.no_grad():
+        x = flow.sample((64,))
+        torch.testing.assert_close(on_cpu.log_prob(x.cpu()), flow.log_prob(x).cpu(), atol=1e-8, rtol=0)
+        torch.testing.assert_close(back.log_prob(x), flow.log_prob(x), atol=0, rtol=0)
