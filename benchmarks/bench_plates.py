@@ -235,10 +235,10 @@ def _variant(name: str, J: int, batch: int, particles: int = 4):
         if isinstance(guide, AutoKRFlow):
             x = guide.flow.sample((batch,))
             log_prob = lambda: guide.flow.log_prob(x)  # noqa: E731
-        else:  # a copy of the draws: the transform's cache of its last draw would skip the inverse
-            posterior = guide.get_posterior()
-            x = posterior.sample((batch,)).clone()
-            log_prob = lambda: posterior.log_prob(x)  # noqa: E731
+        else:  # a fresh copy of the points at each call: Pyro's transforms cache their last
+            posterior = guide.get_posterior()  # (input, output) pair and would skip the inverse
+            x = posterior.sample((batch,))
+            log_prob = lambda: posterior.log_prob(x.clone())  # noqa: E731
     return (lambda: svi.step(y, sigma)), log_prob, sum(p.numel() for p in guide.parameters())
 
 
