@@ -264,6 +264,12 @@ class SparseKRFlow(KRFlow):
     ``initialize(mean, cov)``, as the warm-up needs); ``flow.conditioners`` holds one
     ``_SparseLayer`` per layer instead of a ``MaskedMLP``.
 
+    **Minibatches of members**: :meth:`member_map`, :meth:`push_factors` and
+    :meth:`log_prob_factors` push or evaluate the globals and a subset of each plate's members,
+    with ``log q`` split into the globals' marginal and each member's conditional (what
+    :class:`~krflows.pyro.AutoKRFlow` uses for subsampled plates). They run eagerly;
+    :meth:`~krflows.KRFlow.compile` compiles the full flow's push and pull.
+
     Arguments:
         globals: ``g``, the number of global coordinates (may be 0).
         plates: ``[(J, m), ...]``: members and coordinates per member of each plate.
