@@ -288,8 +288,8 @@ def _unpack(sites: Sequence[_Site], x: Tensor) -> dict[str, Tensor]:
     """Flat unconstrained points ``(*, Σ size)`` -> ``{name: constrained value (*, *shape)}``."""
     batch, pos, out = x.shape[:-1], 0, {}
     for s in sites:
-        u = x[..., pos:pos + s.size].reshape(*batch, *s.unconstrained_shape)
-        out[s.name] = s.bijection(u).reshape(*batch, *s.shape)
+        u = x[..., pos:pos + s.size].reshape(batch + s.unconstrained_shape)
+        out[s.name] = s.bijection(u).reshape(batch + s.shape)
         pos += s.size
     return out
 

@@ -377,3 +377,39 @@ def test_minibatch_svi_recovers_the_hierarchical_posterior():
     assert abs(err["mu_mean_err_sd"]) < 0.6 and abs(err["tau_mean_err_sd"]) < 0.6, err
     assert abs(err["mu_sd_ratio"] - 1) < 0.3 and abs(err["tau_sd_ratio"] - 1) < 0.3, err
     assert err["theta_med_abs_mean_err_sd"] < 0.15 and err["theta_med_abs_sd_ratio_m1"] < 0.1, err
+
+
+def sub_nested(y, batch=None, idx=None):
+    """A subsampled member plate with a vector site, a positive site and a nested plate."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    s = pyro.sample("s", dist.LogNormal(0.0, 1.0).expand([2]).to_event(1))
+    with pyro.plate("g", y.shape[-1], dim=-1, subsample_size=batch, subsample=idx) as i:
+        th = pyro.sample("th", dist.Normal(mu, 1.0))
+        pyro.sample("v", dist.LogNormal(0.0, 1.0).expand([3]).to_event(1))
+        with pyro.plate("k", y.shape[-2], dim=-2):
+            eta = pyro.sample("eta", dist.Normal(th, s[..., :1]))
+            pyro.sample("y", dist.Normal(eta, 1.0), obs=y[:, i])
+
+
+def test_minibatch_guide_places_the_batch_members_where_the_full_flow_has_them():
+    """Oracle: the full flow's draw at the same reference point, unpacked into the full sites
+    (the flow's order gathers each member's th, v and its column of eta into one block)."""
+    y = torch.randn(4, 12)
+    guide = AutoKRFlow(sub_nested, layers=1, hidden=(8,),
+                       create_plates=lambda y, batch=None, idx=None: pyro.plate(
+                           "g", y.shape[-1], dim=-1, subsample_size=batch, subsample=idx))
+    guide(y, 5)
+    assert guide.flow.layout.globals == 3 and guide.flow.layout.plates == ((12, 1 + 3 + 4),)
+    randomize = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in guide.flow.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=randomize))
+        z = torch.randn(guide.flow.dim, generator=torch.Generator().manual_seed(1))
+        full = guide._unpack(guide.flow(z))
+        idx = torch.tensor([7, 2, 11, 0, 5])
+        data = {"_AutoKRFlow_z_globals": z[:3], "_AutoKRFlow_z_g": z[3:].reshape(12, 8)[idx]}
+        trace = pyro.poutine.trace(pyro.poutine.condition(guide, data=data)).get_trace(y, None, idx)
+    for name, axis in (("mu", None), ("s", None), ("th", 0), ("v", 0), ("eta", 1)):
+        want = full[name] if axis is None else full[name].index_select(axis, idx)
+        torch.testing.assert_close(trace.nodes[name]["value"], want, atol=1e-6, rtol=1e-6)
+    assert guide.median()["eta"].shape == (4, 12) and guide.median()["v"].shape == (12, 3)
