@@ -412,4 +412,6 @@ def test_minibatch_guide_places_the_batch_members_where_the_full_flow_has_them()
     for name, axis in (("mu", None), ("s", None), ("th", 0), ("v", 0), ("eta", 1)):
         want = full[name] if axis is None else full[name].index_select(axis, idx)
         torch.testing.assert_close(trace.nodes[name]["value"], want, atol=1e-6, rtol=1e-6)
-    assert guide.median()["eta"].shape == (4, 12) and guide.median()["v"].shape == (12, 3)
+    guide.quantile_draws = 2**10
+    median = guide.median()
+    assert median["eta"].shape == (4, 12) and median["v"].shape == (12, 3) and median["mu"].shape == ()
