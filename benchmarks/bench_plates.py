@@ -31,6 +31,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shlex
@@ -42,9 +43,15 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
-from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide import (
+    AutoIAFNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 
 import krflows
+import krflows.pyro
 from krflows.pyro import AutoKRFlow
 
 GUIDES = ("krflows-sparse", "krflows-dense", "AutoMultivariateNormal", "AutoNormal", "AutoLowRank")
@@ -165,6 +172,11 @@ def fit_guide(name: str, y, sigma, steps: int, particles: int, lr: float, lr_fin
 
 # ---- cost against d -------------------------------------------------------------------------
 
+#: the flows of the cost table; each times a 4-particle training step on the model and
+#: ``log_prob`` at fresh points (see ``_variant``)
+VARIANTS = ("krflows-sparse", "krflows-dense", "zuko-NSF", "AutoIAFNormal")
+
+
 def _median_time(fn, repeats: int, slow: float = 5.0) -> float:
     t = time.perf_counter()
     fn()
@@ -179,26 +191,118 @@ def _median_time(fn, repeats: int, slow: float = 5.0) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def scaling(Js: list[int], repeats: int, batch: int = 1024, dense_max: int = 1000) -> list[dict]:
-    """Seconds per SVI step (4 particles) and per ``flow.log_prob`` at ``batch`` fresh points."""
+def _variant(name: str, J: int, batch: int, particles: int = 4):
+    """``(step, log_prob, parameters)`` of one flow on the ``J``-group model: ``step()`` runs one
+    training step with ``particles`` draws, ``log_prob()`` evaluates the flow at ``batch`` fresh points.
+
+    * krflows-sparse / -dense, AutoIAFNormal: a plain Pyro SVI step (``Trace_ELBO``, vectorized
+      particles) and the guide's posterior density at draws of it (``AutoIAFNormal``: Pyro's
+      ``AffineAutoregressive``, one transform, hidden ``3d + 1``; its inverse takes ``d`` passes);
+    * zuko-NSF: ``zuko.flows.NSF(d, transforms=2, hidden_features=(32, 32))`` (a masked
+      autoregressive rational-quadratic spline flow, 8 bins, one MADE pass for ``log_prob``,
+      ``d`` passes to sample); its step is reverse KL on the model's potential
+      (``krflows.pyro.potential_from_model``) with Adam.
+    """
+    y, sigma = make_data(J)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    if name == "zuko-NSF":
+        import zuko
+
+        potential = krflows.pyro.potential_from_model(model, y, sigma)
+        flow = zuko.flows.NSF(J + 2, transforms=2, hidden_features=(32, 32))
+        opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+
+        def step():
+            x, log_q = flow().rsample_and_log_prob((particles,))
+            loss = (log_q - potential(x)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        with torch.no_grad():
+            x = flow().sample((batch,))
+        return step, lambda: flow().log_prob(x), sum(p.numel() for p in flow.parameters())
+    if name == "AutoIAFNormal":
+        guide = AutoIAFNormal(model)
+    elif name in ("krflows-sparse", "krflows-dense"):
+        guide = AutoKRFlow(model, sparse=name == "krflows-sparse", warmup=0)
+    else:
+        raise ValueError(f"unknown variant {name!r}; one of {VARIANTS}")
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO(particles, vectorize_particles=True))
+    svi.step(y, sigma)  # builds the guide
+    with torch.no_grad():
+        if isinstance(guide, AutoKRFlow):
+            x = guide.flow.sample((batch,))
+            log_prob = lambda: guide.flow.log_prob(x)  # noqa: E731
+        else:  # a fresh copy of the points at each call: Pyro's transforms cache their last
+            posterior = guide.get_posterior()  # (input, output) pair and would skip the inverse
+            x = posterior.sample((batch,))
+            log_prob = lambda: posterior.log_prob(x.clone())  # noqa: E731
+    return (lambda: svi.step(y, sigma)), log_prob, sum(p.numel() for p in guide.parameters())
+
+
+def _parameters_estimate(name: str, d: int) -> int:
+    """Parameters of a variant at dimension ``d`` without building it (for the memory check)."""
+    if name == "AutoIAFNormal":  # MADE d -> 3d + 1 -> 2d, plus the base's loc and scale
+        h = 3 * d + 1
+        return d * h + h + h * 2 * d + 2 * d + 2 * d
+    if name == "krflows-dense":  # the d x d affine stage dominates
+        return d * d
+    return 0  # linear in d: never the memory bottleneck here
+
+
+def _estimate(history: list[tuple[int, float]], d: int) -> tuple[float, str] | None:
+    """Seconds at ``d`` extrapolated from the largest two sizes measured (log-log slope,
+    clamped to [1, 3]), and how; ``None`` before two sizes."""
+    if len(history) < 2:
+        return None
+    (d1, t1), (d2, t2) = history[-2:]
+    k = min(3.0, max(1.0, math.log(max(t2, 1e-6) / max(t1, 1e-6)) / math.log(d2 / d1)))
+    return t2 * (d / d2) ** k, f"{t2:.3g} s at d = {d2} times (d/{d2})^{k:.2f}"
+
+
+def scaling(Js: list[int], repeats: int, batch: int = 1024, cap: float = 120.0, max_gb: float = 8.0,
+            variants=VARIANTS) -> list[dict]:
+    """Seconds per training step (4 particles) and per ``log_prob`` at ``batch`` fresh points.
+
+    A measurement whose time, extrapolated from the two largest sizes already measured,
+    exceeds ``cap`` seconds (one call), or a variant whose parameters and Adam state would exceed
+    ``max_gb``, is skipped: the row says why, with the estimate.
+    """
     rows = []
+    history: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for J in Js:
-        y, sigma = make_data(J)
-        for name in ("krflows-sparse", "krflows-dense"):
-            if name == "krflows-dense" and J > dense_max:
+        d = J + 2
+        for name in variants:
+            row = {"guide": name, "J": J, "d": d}
+            gb = 4 * 4 * _parameters_estimate(name, d) / 1e9  # float32 parameters, grads, 2 Adam moments
+            if gb > max_gb:
+                row["skipped"] = f"memory: ~{gb:.0f} GB of parameters and Adam state > {max_gb:g} GB"
+                rows.append(row)
+                print(f"  {name:16s} d={d:6d} skipped ({row['skipped']})", flush=True)
                 continue
-            pyro.clear_param_store()
-            pyro.set_rng_seed(0)
-            guide = AutoKRFlow(model, sparse=name == "krflows-sparse", warmup=0)
-            svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO(4, vectorize_particles=True))
-            svi.step(y, sigma)
-            step = _median_time(lambda: svi.step(y, sigma), repeats)  # noqa: B023
-            with torch.no_grad():
-                x = guide.flow.sample((batch,))
-                lp = _median_time(lambda: guide.flow.log_prob(x), max(1, repeats // 3))  # noqa: B023
-            rows.append({"guide": name, "J": J, "d": J + 2, "step_ms": 1e3 * step, "log_prob_ms": 1e3 * lp})
-            print(f"  {name:16s} d={J + 2:6d} step {1e3 * step:8.1f} ms  log_prob {1e3 * lp:9.1f} ms",
-                  flush=True)
+            est = {k: _estimate(history.get((name, k), []), d) for k in ("step", "log_prob")}
+            if est["step"] is not None and est["step"][0] > cap:
+                row["skipped"] = f"time: step ~{est['step'][0]:.0f} s > cap {cap:g} s ({est['step'][1]})"
+                rows.append(row)
+                print(f"  {name:16s} d={d:6d} skipped ({row['skipped']})", flush=True)
+                continue
+            step, log_prob, n_params = _variant(name, J, batch)
+            row["parameters"] = n_params
+            row["step_ms"] = 1e3 * _median_time(step, repeats)
+            history.setdefault((name, "step"), []).append((d, row["step_ms"] / 1e3))
+            if est["log_prob"] is not None and est["log_prob"][0] > cap:
+                row["log_prob_skipped"] = (f"time: ~{est['log_prob'][0]:.0f} s > cap {cap:g} s "
+                                           f"({est['log_prob'][1]})")
+            else:
+                with torch.no_grad():
+                    row["log_prob_ms"] = 1e3 * _median_time(log_prob, max(1, repeats // 3))
+                history.setdefault((name, "log_prob"), []).append((d, row["log_prob_ms"] / 1e3))
+            rows.append(row)
+            lp = f"{row['log_prob_ms']:9.1f} ms" if "log_prob_ms" in row else "skipped"
+            print(f"  {name:16s} d={d:6d} step {row['step_ms']:8.1f} ms  log_prob {lp}", flush=True)
+            del step, log_prob
     return rows
 
 
@@ -247,9 +351,17 @@ def report(args, results: list[dict], rows: list[dict], truth: dict, started: st
                      f"{r['theta_med_abs_mean_err_sd']:.3f} | {r['theta_med_abs_sd_ratio_m1']:.3f} | "
                      f"{'yes' if _meets(r) else 'no'} |")
     if rows:
-        lines += ["", "Cost against d (median of repeats; 4-particle SVI step; `flow.log_prob` at 1024 "
-                  "fresh points):", "", "| flow | d | SVI step (ms) | log_prob (ms) |", "|---|---|---|---|"]
-        lines += [f"| {r['guide']} | {r['d']} | {r['step_ms']:.1f} | {r['log_prob_ms']:.1f} |" for r in rows]
+        lines += ["", f"Cost against d (median of repeats; a 4-particle training step; `log_prob` at "
+                  f"{args.batch} fresh points; a measurement estimated above {args.cap:g} s per call, or "
+                  f"above {args.max_gb:g} GB of parameters and Adam state, is skipped; see `_variant` for "
+                  f"what each flow runs):", "",
+                  "| flow | d | parameters | step (ms) | log_prob (ms) |", "|---|---|---|---|---|"]
+        for r in rows:
+            if "skipped" in r:
+                lines.append(f"| {r['guide']} | {r['d']} | | skipped: {r['skipped']} | |")
+                continue
+            lp = f"{r['log_prob_ms']:.1f}" if "log_prob_ms" in r else f"skipped: {r['log_prob_skipped']}"
+            lines.append(f"| {r['guide']} | {r['d']} | {r['parameters']:,} | {r['step_ms']:.1f} | {lp} |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,14 +375,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guides", default=",".join(GUIDES))
-    parser.add_argument("--scaling", default="8,48,98,198,498,998,4998",
+    parser.add_argument("--scaling", default="8,48,98,198,498,998,4998,9998",
                         help="plate sizes J of the cost table ('' : none)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="flows of the cost table")
+    parser.add_argument("--cap", type=float, default=120.0,
+                        help="cost table: skip a measurement estimated above this many seconds per call")
+    parser.add_argument("--max-gb", type=float, default=8.0,
+                        help="cost table: skip a flow whose parameters and Adam state exceed this")
+    parser.add_argument("--batch", type=int, default=1024, help="cost table: points of a log_prob call")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--smoke", action="store_true", help="tiny settings (seconds); numbers mean nothing")
     parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS_plates.md"))
     args = parser.parse_args(argv)
     if args.smoke:
-        args.J, args.steps, args.scaling, args.repeats, args.threads = 8, 3, "8", 1, 1
+        args.J, args.steps, args.scaling, args.repeats, args.threads = 8, 3, "8,18,38", 1, 1
+        args.batch, args.cap = 64, 1e-4  # the third size exercises the skip
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     y, sigma = make_data(args.J, args.seed)
@@ -282,7 +401,8 @@ def main(argv=None) -> dict:
         results.append(r)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
     Js = [int(j) for j in args.scaling.split(",") if j]
-    rows = scaling(Js, args.repeats) if Js else []
+    rows = scaling(Js, args.repeats, args.batch, args.cap, args.max_gb,
+                   args.variants.split(",")) if Js else []
     text = report(args, results, rows, truth, started)
     Path(args.out).write_text(text)
     Path(args.out).with_suffix(".json").write_text(json.dumps(

@@ -20,8 +20,9 @@ Knothe–Rosenblatt map with the globals first is plate-sparse (:mod:`krflows.tr
   local to ``P`` (e.g. ``y ~ N(sum(eta), 1)``: every member coupled to every other), or a site
   depends on latents local to two member plates (crossed designs: one of them is chosen);
 * plates are tried largest first; a plate sharing a latent site with a chosen one (nested or
-  crossed) is not a second member plate. Subsampled plates with local latents are refused
-  by :class:`~krflows.pyro.ModelPotential` before this point.
+  crossed) is not a second member plate. A subsampled plate (minibatch SVI) may be a member
+  plate: the trace then holds the ``b`` members of one subsample (``Plate.index`` is
+  ``(b, m)``), and :class:`~krflows.pyro.AutoKRFlow` builds the flow over all ``J``.
 """
 
 from __future__ import annotations

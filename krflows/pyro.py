@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import NamedTuple
 
 import pyro
@@ -92,15 +93,27 @@ def subsampled_plates(trace) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _latent_sites(trace) -> tuple[list[_Site], int]:
+def _subsampled_latents(trace) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{latent site: {subsampled plate: (subsample size, full size)}}`` of a trace's latent sites
+    that lie in a subsampled plate."""
+    out = {}
+    for name, site in trace.iter_stochastic_nodes():
+        frames = {f.name: (int(f.size), int(f.full_size)) for f in site["cond_indep_stack"]
+                  if f.full_size is not None and f.size != f.full_size}
+        if frames and not site_is_subsample(site):
+            out[name] = frames
+    return out
+
+
+def _latent_sites(trace, subsampled_ok: bool = False) -> tuple[list[_Site], int]:
     """The continuous latent sites of a trace, in trace order, and the max plate nesting."""
     latents = [(name, site) for name, site in trace.iter_stochastic_nodes() if not site_is_subsample(site)]
-    local = [name for name, site in latents
-             if any(f.full_size is not None and f.size != f.full_size for f in site["cond_indep_stack"])]
-    if local:
-        raise ValueError(f"latent site(s) {local} lie in a subsampled plate: krflows models one fixed-size "
-                         f"joint latent, so local latents must be sampled in full (drop subsample_size "
-                         f"for their plate, or subsample only observed sites)")
+    local = sorted(_subsampled_latents(trace))
+    if local and not subsampled_ok:
+        raise ValueError(f"latent site(s) {local} lie in a subsampled plate: a potential is a density on "
+                         f"one fixed-size joint latent, so local latents must be sampled in full (build it "
+                         f"from the full-data model, subsample_size=None). For minibatch SVI, AutoKRFlow's "
+                         f"sparse guide pushes only the members in the batch")
     discrete = [name for name, site in latents
                 if getattr(site["fn"].support, "is_discrete", False)]
     if discrete:
@@ -149,7 +162,10 @@ class ModelPotential(Target):
     needs the density itself (:func:`independence_mh`, :func:`importance_resample`,
     :func:`~krflows.diagnose`, NUTS): the constructor warns, and ``subsampled_plates``
     names the plates. Build the potential of the full-data model instead (e.g. with
-    ``subsample_size=None``). Latent sites inside a subsampled plate raise ``ValueError``.
+    ``subsample_size=None``). Latent sites inside a subsampled plate raise ``ValueError``: the
+    potential is a density on one fixed-size latent, and a minibatch holds other members at each
+    run. (Minibatch SVI of such models needs no potential: :class:`AutoKRFlow` with its sparse
+    flow pushes only the members in the batch, see **Minibatch SVI** there.)
 
     Arguments:
         model: a Pyro model with continuous latent sites and fixed structure.
@@ -218,9 +234,7 @@ class ModelPotential(Target):
     def unpack(self, x: Tensor) -> dict[str, Tensor]:
         """Flat unconstrained points ``(*, dim)`` -> ``{name: constrained value (*, *shape)}``."""
         self._check(x)
-        batch = x.shape[:-1]
-        flat = x.reshape(-1, self.dim)
-        return {s.name: s.bijection(u).reshape(*batch, *s.shape) for s, u in self._split(flat, 0)}
+        return _unpack(self._sites, x)
 
     def _log_prob(self, x: Tensor) -> Tensor:
         batch, flat = x.shape[:-1], x.reshape(-1, self.dim)
@@ -268,6 +282,16 @@ class ModelPotential(Target):
 
     def __repr__(self) -> str:
         return f"ModelPotential(dim={self.dim}, sites={self.site_names})"
+
+
+def _unpack(sites: Sequence[_Site], x: Tensor) -> dict[str, Tensor]:
+    """Flat unconstrained points ``(*, Σ size)`` -> ``{name: constrained value (*, *shape)}``."""
+    batch, pos, out = x.shape[:-1], 0, {}
+    for s in sites:
+        u = x[..., pos:pos + s.size].reshape(batch + s.unconstrained_shape)
+        out[s.name] = s.bijection(u).reshape(batch + s.shape)
+        pos += s.size
+    return out
 
 
 def _per_point(t: Tensor, n: int, nesting: int, name: str) -> Tensor:
@@ -322,6 +346,109 @@ class _OnePassTransform(Transform):
         if self._last is not None and self._last[0] is z and self._last[1] is x:
             return self._last[2]
         return self.inner.log_abs_det_jacobian(z, x if self.order is None else x[..., self.order])
+
+
+def _split_members(y: Tensor, g: int, shapes: Sequence[torch.Size]) -> tuple[Tensor, list[Tensor]]:
+    """``(n, g + Σ b m)`` -> the globals ``(n, g)`` and each plate's members ``(n, b, m)``."""
+    out, pos = [], g
+    for b, m in shapes:
+        out.append(y[:, pos:pos + b * m].reshape(-1, b, m))
+        pos += b * m
+    return y[:, :g], out
+
+
+class _MinibatchLayout:
+    """Where the latent sites of a model with subsampled member plates lie in the sparse flow.
+
+    The flow covers the *full* latent: the prototype's sites (trace order) with each subsampled
+    member plate's axis at its full size ``J`` (its "user order", as ``median``/``quantiles``
+    unpack it); ``order`` puts the globals first and then each plate's members, as
+    :class:`~krflows.plates.PlateStructure` does. ``unpack`` places a minibatch push (the
+    globals and ``b`` members per plate) into the sites of the current subsample.
+    """
+
+    def __init__(self, trace, found, subsampled: dict[str, dict[str, tuple[int, int]]]):
+        local_of = {site: p.name for p in found.plates for site in p.sites}
+        self.subsampled: dict[str, tuple[int, int]] = {}
+        for site, frames in subsampled.items():
+            for plate, sizes in frames.items():
+                if local_of.get(site) != plate:
+                    why = found.refused.get(plate) or found.refused.get("*") or \
+                        f"the site belongs to member plate {local_of.get(site)!r}"
+                    raise ValueError(f"latent site {site!r} lies in subsampled plate {plate!r}, which cannot "
+                                     f"be a member plate of the sparse flow ({why}): the sparse guide "
+                                     f"subsamples only member plates (drop subsample_size for {plate!r})")
+                self.subsampled[plate] = sizes
+        self.globals = found.globals.numel()
+        self.plate_names = [p.name for p in found.plates]
+        self.layout = [(self.subsampled.get(p.name, (0, p.members))[1], p.width) for p in found.plates]
+        self.sites: list[dict] = []
+        self.full_sites: list[_Site] = []
+        g_pos, cols = 0, [0] * len(found.plates)
+        global_index: list[Tensor] = []
+        member_index: list[list[Tensor]] = [[] for _ in found.plates]
+        offset = 0
+        for name, site in trace.iter_stochastic_nodes():
+            if site_is_subsample(site):
+                continue
+            bijection, value = biject_to(site["fn"].support), site["value"].detach()
+            u_shape = bijection.inv(value).shape
+            fn_event_dim = site["fn"].event_dim
+            event_dim = fn_event_dim + len(u_shape) - value.dim()
+            shape, u_full, axis, plate = list(value.shape), list(u_shape), None, None
+            if name in local_of:
+                plate = self.plate_names.index(local_of[name])
+                frame = next(f for f in site["cond_indep_stack"] if f.name == local_of[name])
+                axis = len(u_shape) - event_dim + frame.dim
+                u_full[axis] = shape[value.dim() - fn_event_dim + frame.dim] = self.layout[plate][0]
+            size = math.prod(u_full)
+            index = offset + torch.arange(size).reshape(u_full)
+            offset += size
+            if plate is None:
+                span, g_pos = (g_pos, g_pos + size), g_pos + size
+                global_index.append(index.reshape(-1))
+            else:
+                m = size // self.layout[plate][0]
+                span, cols[plate] = (cols[plate], cols[plate] + m), cols[plate] + m
+                member_index[plate].append(index.movedim(axis, 0).reshape(self.layout[plate][0], m))
+            self.sites.append({"name": name, "bijection": bijection, "fn_event_dim": fn_event_dim,
+                               "u_shape": u_shape, "event_dim": event_dim, "plate": plate, "axis": axis,
+                               "span": span})
+            self.full_sites.append(_Site(name, torch.Size(shape), torch.Size(u_full), event_dim, size,
+                                         bijection, fn_event_dim))
+        assert g_pos == self.globals and cols == [m for _, m in self.layout], "layout differs from the plates"
+        order = torch.cat([*global_index, *(torch.cat(ix, 1).reshape(-1) for ix in member_index)])
+        self.order = None if bool((order == torch.arange(offset)).all()) else order.tolist()
+
+    def full_init(self, loc: Tensor) -> Tensor:
+        """The prototype's flat initial latent -> the full one (user order): a member outside the
+        prototype's subsample gets the mean of the subsample's initial values (exchangeable priors)."""
+        parts, pos = [], 0
+        for s, full in zip(self.sites, self.full_sites, strict=True):
+            size = math.prod(s["u_shape"])
+            u = loc[pos:pos + size].reshape(s["u_shape"])
+            pos += size
+            if s["plate"] is not None:
+                u = u.mean(s["axis"], keepdim=True).expand(full.unconstrained_shape)
+            parts.append(u.reshape(-1))
+        return torch.cat(parts)
+
+    def unpack(self, y_g: Tensor, y_members: Sequence[Tensor], lead: torch.Size):
+        """Yields ``(site, unconstrained value)`` shaped as ``AutoContinuous`` unpacks a latent with
+        batch shape ``lead``, from the globals ``(n, g)`` and the members ``(n, b, m)`` pushed."""
+        n = y_g.shape[0]
+        for s in self.sites:
+            a, b = s["span"]
+            u_shape = list(s["u_shape"])
+            if s["plate"] is None:
+                flat = y_g[:, a:b]
+            else:
+                y_p = y_members[s["plate"]]
+                u_shape[s["axis"]] = y_p.shape[1]
+                rest = u_shape[:s["axis"]] + u_shape[s["axis"] + 1:]
+                flat = y_p[..., a:b].reshape(n, y_p.shape[1], *rest).movedim(1, 1 + s["axis"]).reshape(n, -1)
+            shape = torch.broadcast_shapes(tuple(u_shape), tuple(lead) + (1,) * s["event_dim"])
+            yield s, flat.reshape(*lead, -1).reshape(shape)
 
 
 def _elementwise_sign(bijection: Transform) -> Tensor | None:
@@ -400,11 +527,12 @@ class AutoKRFlow(AutoContinuous):
                  hidden: Sequence[int] = (32, 32), init_scale: float = 0.1,
                  init_loc_fn: Callable = init_to_median, warmup: int = 100, warmup_batch: int = 64,
                  sparse: bool | None = None, embedding: int = 8, member_features: bool = True,
-                 **flow_options):
+                 create_plates: Callable | None = None, **flow_options):
         if init_scale <= 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
         family = renamed_keyword(flow_options, "transform", "family", family, "spline")
         super().__init__(model, init_loc_fn=init_loc_fn)
+        self.create_plates = create_plates  # Pyro's AutoGuide option (AutoContinuous drops it)
         self._raw_model = (model,)  # a tuple: not registered as a submodule
         self._flow_args = dict(family=family, layers=layers, hidden=tuple(hidden), **flow_options)
         self._init_scale, self._warmup, self._warmup_batch = init_scale, warmup, warmup_batch
@@ -412,10 +540,16 @@ class AutoKRFlow(AutoContinuous):
         self.flow = None
         self.plate_structure = None  # krflows.plates.PlateStructure after the first call (not sparse=False)
         self._potential = None
+        self._minibatch: _MinibatchLayout | None = None  # latents in subsampled plates
 
     @property
     def potential(self) -> ModelPotential | None:
         """The model's potential for the first call's arguments (``None`` before it)."""
+        if self._minibatch is not None:
+            raise ValueError(f"the model's latent sites lie in subsampled plate(s) "
+                             f"{self._minibatch.subsampled} ((subsample, full) sizes): a potential needs "
+                             f"every member, so build it from the full-data model with "
+                             f"potential_from_model(model, *full_data_args) (subsample_size=None)")
         if self._potential is not None and self._potential.subsampled_plates:
             raise ValueError(f"the model subsamples plate(s) {self._potential.subsampled_plates} "
                              f"((subsample, full) sizes), so the guide's potential would be a noisy "
@@ -424,6 +558,11 @@ class AutoKRFlow(AutoContinuous):
         return self._potential
 
     def _setup_prototype(self, *args, **kwargs):
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream as it was
+            trace = poutine.block(poutine.trace(self._raw_model[0]).get_trace)(*args, **kwargs)
+        _latent_sites(trace, subsampled_ok=True)  # names discrete sites
+        if _subsampled_latents(trace):
+            return self._setup_minibatch(*args, **kwargs)
         with warnings.catch_warnings():  # a minibatch potential is fine for the warm-up (VI)
             warnings.simplefilter("ignore", SubsampledPotentialWarning)
             potential = ModelPotential(self._raw_model[0], *args, **kwargs)  # names discrete sites
@@ -463,6 +602,100 @@ class AutoKRFlow(AutoContinuous):
         return SparseKRFlow(found.globals.numel(), found.layout, order=None if identity else order.tolist(),
                             embedding=self._embedding, features=[p.features for p in found.plates],
                             **self._flow_args)
+
+    def _setup_minibatch(self, *args, **kwargs):
+        """Setup for latents in subsampled plates: a sparse flow over every member, pushed per minibatch."""
+        from krflows.plates import detect_plates
+
+        super()._setup_prototype(*args, **kwargs)
+        subsampled = _subsampled_latents(self.prototype_trace)
+        if self._sparse is False:
+            raise ValueError(f"latent site(s) {sorted(subsampled)} lie in a subsampled plate: only the "
+                             f"sparse flow can push a minibatch of members (sparse=None or True); the dense "
+                             f"flow is one joint map of every member (drop subsample_size for their plate)")
+        found = detect_plates(self._raw_model[0], *args, trace=self.prototype_trace,
+                              features=self._member_features, **kwargs)
+        self.plate_structure = found
+        self._minibatch = layout = _MinibatchLayout(self.prototype_trace, found, subsampled)
+        features = [None if p.name in layout.subsampled else p.features for p in found.plates]
+        flow = SparseKRFlow(found.globals.numel(), layout.layout, order=layout.order,
+                            embedding=self._embedding, features=features, **self._flow_args)
+        loc = self._init_loc()
+        flow = flow.to(torch.promote_types(loc.dtype, torch.get_default_dtype()))
+        if flow.affine is not None and not self._sync_param_store(flow):
+            loc = layout.full_init(loc.to(flow.dtype))[flow.order if flow.order is not None else slice(None)]
+            flow.affine.initialize(loc, torch.full_like(loc, self._init_scale ** 2))
+        self.latent_dim = flow.dim
+        self.flow = flow
+
+    def forward(self, *args, **kwargs):
+        """The guide: draws every latent site (:class:`~pyro.infer.autoguide.AutoContinuous`'s
+        ``forward``, or with latents in subsampled plates, the globals and the batch's members)."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self._minibatch is None:
+            return super().forward(*args, **kwargs)
+        return self._forward_minibatch(*args, **kwargs)
+
+    def _forward_minibatch(self, *args, **kwargs) -> dict[str, Tensor]:
+        r"""Pushes the globals and the members of the current subsample only, scored by factor.
+
+        Auxiliary sites: ``z_G ~ N(0, I)`` and, inside each member plate, ``z_j ~ N(0, I_m)``;
+        then ``y = T(z)`` on those coordinates (:meth:`~krflows.SparseKRFlow.push_factors`) and
+        ``Delta`` sites carrying ``-log|∂T/∂z|``: outside the plate the globals' term, inside it
+        member ``j``'s. So the guide's ``log q`` is ``log q_G(y_G) + Σ_j log q_j(y_j | y_G)``
+        with each member's term scaled ``J/b`` by Pyro, like the model's local terms.
+        """
+        self._sync_param_store(self._modules["flow"])
+        flow, layout = self.flow, self._minibatch
+        plates = self._create_plates(*args, **kwargs)
+        aux = {"is_auxiliary": True}
+        name = self._pyro_name
+        zeros = torch.zeros(layout.globals, dtype=flow.dtype, device=flow.device)
+        z_g = pyro.sample(f"_{name}_z_globals", dist.Normal(zeros, 1.0).to_event(1), infer=aux)
+        lead = z_g.shape[:-1]
+        n = math.prod(lead)
+        members, z_members = [], []
+        for p, (J, m) in zip(layout.plate_names, layout.layout, strict=True):
+            plate = plates[p]
+            with plate as idx:
+                if plate.size != J:
+                    raise ValueError(f"plate {p!r} has size {plate.size} in this call, but the guide was "
+                                     f"built for {J} members")
+                shape = (len(idx),) + (1,) * (-plate.dim - 1) + (m,)
+                zeros = torch.zeros(shape, dtype=flow.dtype, device=flow.device)
+                z_p = pyro.sample(f"_{name}_z_{p}", dist.Normal(zeros, 1.0).to_event(1), infer=aux)
+            members.append(idx)
+            z_members.append((z_p, plate.dim - 1))
+        flat = [z.movedim(axis, -2) for z, axis in z_members]  # (*lead, b, m)
+        z = torch.cat([z_g.reshape(n, -1), *(f.reshape(n, -1) for f in flat)], -1)
+        y, log_g, log_members = flow.push_factors(z, members)
+        y_g, y_members = _split_members(y, layout.globals, [f.shape[-2:] for f in flat])
+        ref = dist.Normal(torch.zeros((), dtype=flow.dtype, device=flow.device), 1.0)
+        jac = log_g - ref.log_prob(z_g.reshape(n, -1)).sum(-1)  # -log|dT/dz| of the globals
+        pyro.sample(f"_{name}_x_globals", dist.Delta(y_g.reshape(z_g.shape), jac.reshape(lead), event_dim=1),
+                    infer=aux)
+        for p, f, (_, axis), y_p, log_p in zip(layout.plate_names, flat, z_members, y_members, log_members,
+                                               strict=True):
+            jac = (log_p - ref.log_prob(f.reshape(n, *f.shape[-2:])).sum(-1)).reshape(f.shape[:-1])
+            with plates[p]:
+                pyro.sample(f"_{name}_x_{p}", dist.Delta(y_p.reshape(f.shape).movedim(-2, axis),
+                                                         jac.movedim(-1, axis + 1), event_dim=1), infer=aux)
+        result = {}
+        for site, u in layout.unpack(y_g, y_members, lead):
+            value = site["bijection"](u)
+            if poutine.get_mask() is False:
+                log_density = 0.0
+            else:
+                log_density = site["bijection"].inv.log_abs_det_jacobian(value, u)
+                log_density = sum_rightmost(log_density,
+                                            log_density.dim() - value.dim() + site["fn_event_dim"])
+            with ExitStack() as stack:
+                for frame in self._cond_indep_stacks[site["name"]]:
+                    stack.enter_context(plates[frame.name])
+                result[site["name"]] = pyro.sample(
+                    site["name"], dist.Delta(value, log_density=log_density, event_dim=site["fn_event_dim"]))
+        return result
 
     def get_base_dist(self):
         zeros = torch.zeros(self.flow.dim, device=self.flow.device, dtype=self.flow.dtype)
@@ -561,16 +794,24 @@ class AutoKRFlow(AutoContinuous):
         draws = flow(quasi_reference(self.quantile_draws, flow.dim, 0, flow.dtype, flow.device))
         Q = levels.shape[0]
         latent = marginal_quantiles(flow, torch.cat([levels, 1 - levels]), samples=draws)
-        images = self._potential.unpack(latent)  # each site's map of the latent quantiles
-        values = self._potential.unpack(draws)
+        images = self._unpack(latent)  # each site's map of the latent quantiles
+        values = self._unpack(draws)
         result = {}
         for name, image in images.items():
             sign = _elementwise_sign(biject_to(self.prototype_trace.nodes[name]["fn"].support))
+            if sign is not None and self._minibatch is not None and sign.numel() > 1:
+                sign = None  # per-element signs of the prototype's subsample: not the full site's
             if sign is None:
                 result[name] = sample_quantiles(values[name], levels)
             else:
                 result[name] = torch.where(sign.to(image.device) > 0, image[:Q], image[Q:])
         return result
+
+    def _unpack(self, x: Tensor) -> dict[str, Tensor]:
+        """Flat unconstrained latents (the flow's user order) -> ``{site: constrained value}``."""
+        if self._minibatch is not None:
+            return _unpack(self._minibatch.full_sites, x)
+        return self._potential.unpack(x)
 
     def median(self, *args, **kwargs) -> dict[str, Tensor]:
         """Posterior medians of the latent sites, ``{name: (*site shape)}``: :meth:`quantiles` at 0.5
@@ -627,6 +868,10 @@ def neutra_nuts(model: Callable, guide: AutoKRFlow, num_samples: int, warmup_ste
 
     if guide.flow is None:
         raise RuntimeError("train the guide (or call it once) before neutra_nuts")
+    if guide._minibatch is not None:
+        raise ValueError("neutra_nuts needs the guide of the full-data model: this guide's model "
+                         f"subsamples the plate(s) of its latent sites {guide._minibatch.subsampled}, and "
+                         "NUTS needs every member (subsample_size=None)")
     guide.requires_grad_(False)
     try:
         neutra = NeuTraReparam(guide)

@@ -21,13 +21,15 @@ at fresh points needs ``g`` sequential passes for the globals and ``m`` batched 
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from krflows._checks import renamed_keyword
+from krflows._checks import check_points, renamed_keyword
 from krflows.flows import KRFlow
 from krflows.nn import MaskedLinear, MaskedMLP, SoftClamp
 from krflows.transforms.base import ComposeTriangular, TriangularTransform
@@ -95,16 +97,20 @@ class PlateConditioner(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def member_context(self) -> Tensor:
-        """``W_c c_j + b`` for every member, ``(J, h)``."""
+    def member_context(self, members: Tensor | None = None) -> Tensor:
+        """``W_c c_j + b`` for every member ``(J, h)``, or for the members ``members`` ``(b, h)``."""
         if self.context is None:
-            return self.bias.expand(self.members, -1)
-        parts = [t for t in (None if self.embedding is None else self.embedding.weight,
-                             self.features) if t is not None]
+            return self.bias.expand(self.members if members is None else members.shape[0], -1)
+        emb = None if self.embedding is None else \
+            self.embedding.weight if members is None else self.embedding(members)
+        feats = self.features if self.features is None or members is None else self.features[members]
+        parts = [t for t in (emb, feats) if t is not None]
         return self.context(torch.cat([p.to(self.context.weight) for p in parts], -1))
 
-    def forward(self, y_g: Tensor, y: Tensor) -> Tensor:
-        h = self.own(y) + self.member_context()
+    def forward(self, y_g: Tensor, y: Tensor, members: Tensor | None = None) -> Tensor:
+        """Parameters ``(*, J, m, P)`` of every member, or ``(*, b, m, P)`` of the members
+        ``members`` (indices ``(b,)``; ``y`` then holds those members' coordinates ``(*, b, m)``)."""
+        h = self.own(y) + self.member_context(members)
         if self.glob is not None:
             h = h + self.glob(y_g).unsqueeze(-2)
         out = self.out(self.hidden(h))
@@ -137,16 +143,21 @@ class SparseAffine(nn.Module):
         return torch.tril(lower, -1) + torch.diag_embed(torch.exp(log_diag)) if m > 1 else \
             torch.exp(log_diag).unsqueeze(-1)
 
-    def build(self) -> SparseAffineTransform:
-        """The stage's transform with the parameters' current values."""
-        plates = [(s, self._tril(low, ld), c) for s, ld, low, c in zip(
-            self.plate_shift, self.plate_log_diag, self.plate_lower, self.plate_cross, strict=True)]
-        return SparseAffineTransform(self.layout, self.shift, self._tril(self.lower, self.log_diag)
+    def build(self, members: Sequence[Tensor | None] | None = None) -> SparseAffineTransform:
+        """The stage's transform with the parameters' current values; with ``members`` (per
+        plate, member indices or ``None`` for all), restricted to the globals and those members."""
+        members = [None] * len(self.layout.plates) if members is None else members
+        plates = [tuple(t if idx is None else t[idx] for t in (s, self._tril(low, ld), c))
+                  for s, ld, low, c, idx in zip(self.plate_shift, self.plate_log_diag, self.plate_lower,
+                                                self.plate_cross, members, strict=True)]
+        layout = _sub_layout(self.layout, members)
+        return SparseAffineTransform(layout, self.shift, self._tril(self.lower, self.log_diag)
                                      if self.layout.globals else self.lower, plates)
 
-    def as_transform(self) -> TriangularTransform:
-        """The map ``y -> x``, reading the parameters when called (holds no tensor itself)."""
-        return _Deferred(self.build)
+    def as_transform(self, members: Sequence[Tensor | None] | None = None) -> TriangularTransform:
+        """The map ``y -> x`` (of the globals and ``members``, as :meth:`build`), reading the
+        parameters when called (holds no tensor itself)."""
+        return _Deferred(lambda: self.build(members))
 
     @torch.no_grad()
     def initialize(self, mean: Tensor, cov: Tensor) -> None:
@@ -187,6 +198,19 @@ class SparseAffine(nn.Module):
             self.plate_log_diag[p].copy_(torch.log(torch.diagonal(L, 0, -2, -1)))
             self.plate_lower[p].copy_(torch.tril(L, -1))
             self.plate_cross[p].copy_(cross)
+
+
+def _sub_layout(layout: PlateLayout, members: Sequence[Tensor | None]) -> PlateLayout:
+    """The layout of the globals and the given members of each plate (``None``: all)."""
+    return PlateLayout(layout.globals, tuple((J if idx is None else int(idx.shape[0]), m)
+                                             for (J, m), idx in zip(layout.plates, members, strict=True)))
+
+
+def _factors(layout: PlateLayout, z: Tensor, log_diag: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """``log q_G`` ``(*)`` and the members' ``log q_{p,j}`` ``(*, b_p)`` from ``z`` and the log-slopes."""
+    terms = -0.5 * z * z - 0.5 * math.log(2 * math.pi) - log_diag
+    t_g, t_p = layout.split(terms)
+    return t_g.sum(-1), [t.sum(-1) for t in t_p]
 
 
 class _Deferred(TriangularTransform):
@@ -240,6 +264,12 @@ class SparseKRFlow(KRFlow):
     ``initialize(mean, cov)``, as the warm-up needs); ``flow.conditioners`` holds one
     ``_SparseLayer`` per layer instead of a ``MaskedMLP``.
 
+    **Minibatches of members**: :meth:`member_map`, :meth:`push_factors` and
+    :meth:`log_prob_factors` push or evaluate the globals and a subset of each plate's members,
+    with ``log q`` split into the globals' marginal and each member's conditional (what
+    :class:`~krflows.pyro.AutoKRFlow` uses for subsampled plates). They run eagerly;
+    :meth:`~krflows.KRFlow.compile` compiles the full flow's push and pull.
+
     Arguments:
         globals: ``g``, the number of global coordinates (may be 0).
         plates: ``[(J, m), ...]``: members and coordinates per member of each plate.
@@ -283,12 +313,95 @@ class SparseKRFlow(KRFlow):
     @property
     def triangular(self) -> TriangularTransform:
         """The plate-sparse lower-triangular map ``z -> y`` in the flow's variable order."""
+        return self.member_map()
+
+    # ---- minibatches of members -----------------------------------------------------------
+
+    def member_map(self, members: Sequence[Tensor | None] | None = None) -> TriangularTransform:
+        r"""The map ``z -> y`` (flow order) restricted to the globals and some members of each plate.
+
+        Member ``j``'s block of ``T`` depends on ``z_G`` and ``z_j`` only, so the map of the
+        globals and a subset ``B_p`` of each plate's members is a triangular map on
+        ``g + Σ_p |B_p| m_p`` coordinates (layout: globals, then the chosen members in the
+        order given), equal to ``T`` restricted to those coordinates. ``members=None``: every
+        member (:attr:`triangular`).
+
+        Arguments:
+            members: per plate, member indices ``(b_p,)`` (long, in ``[0, J_p)``), or ``None`` for all.
+        """
+        members = self._check_members(members)
+        layout = _sub_layout(self.layout, members)
         parts: list[TriangularTransform] = [
-            SparseAutoregressiveTransform(self.layout, self.family, layer.glob, list(layer.plates))
+            SparseAutoregressiveTransform(layout, self.family, layer.glob, [
+                net if idx is None else functools.partial(net, members=idx)
+                for net, idx in zip(layer.plates, members, strict=True)])
             for layer in self.conditioners]
         if self.affine is not None:
-            parts.append(self.affine.as_transform())
+            parts.append(self.affine.as_transform(members))
         return ComposeTriangular(parts)
+
+    def push_factors(self, z: Tensor, members: Sequence[Tensor | None] | None = None
+                     ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        r"""Pushes ``z -> y`` (flow order) for the globals and ``members``, with ``log q`` by factor.
+
+        The plate sparsity factorizes the flow's density exactly (the globals come first and
+        member ``j``'s block reads only ``z_G`` and ``z_j``):
+
+        .. math:: \log q(y) = \log q_G(y_G) + \sum_p \sum_{j} \log q_{p,j}(y_{p,j} \mid y_G), \qquad
+                  \log q_{p,j} = \sum_{k \in (p,j)} \big[\log \mathcal N(z_k) - \log \partial_k T_k\big],
+
+        ``q_G`` the globals' marginal and ``q_{p,j}`` member ``j``'s conditional given the
+        globals. On a minibatch ``B_p`` of members, ``log q_G + Σ_p (J_p/|B_p|) Σ_{j∈B_p} log q_{p,j}``
+        is an unbiased estimate of ``log q`` (what Pyro's subsampled plates compute).
+
+        Arguments:
+            z: reference points ``(*, g + Σ_p b_p m_p)`` in the layout of :meth:`member_map`.
+            members: as :meth:`member_map` (``None``: every member, ``z`` of shape ``(*, d)``).
+
+        Returns:
+            ``y`` (same shape as ``z``), ``log q_G`` ``(*)`` and per plate ``log q_{p,j}`` ``(*, b_p)``.
+
+        Example:
+            >>> flow = SparseKRFlow(2, [(10, 1)], layers=1, hidden=(8,))
+            >>> z = torch.randn(5, 2 + 3)
+            >>> y, log_g, (log_m,) = flow.push_factors(z, [torch.tensor([0, 4, 7])])
+            >>> y.shape, log_g.shape, log_m.shape
+            (torch.Size([5, 5]), torch.Size([5]), torch.Size([5, 3]))
+        """
+        members = self._check_members(members)
+        layout = _sub_layout(self.layout, members)
+        z = check_points(z, layout.dim, self._ref, "z")
+        y, log_diag = self.member_map(members).call_and_log_diag(z)
+        return (y, *_factors(layout, z, log_diag))
+
+    def log_prob_factors(self, y: Tensor, members: Sequence[Tensor | None] | None = None
+                         ) -> tuple[Tensor, list[Tensor]]:
+        r"""``log q_G(y_G)`` ``(*)`` and per plate ``log q_{p,j}(y_{p,j} | y_G)`` ``(*, b_p)``
+        at points ``y`` in the flow order of :meth:`member_map` (see :meth:`push_factors`),
+        through the inverse map."""
+        members = self._check_members(members)
+        layout = _sub_layout(self.layout, members)
+        y = check_points(y, layout.dim, self._ref, "y")
+        z, log_diag = self.member_map(members).inverse_and_log_diag(y)
+        return _factors(layout, z, log_diag)
+
+    def _check_members(self, members: Sequence[Tensor | None] | None) -> list[Tensor | None]:
+        if members is None:
+            return [None] * len(self.layout.plates)
+        members = list(members)
+        if len(members) != len(self.layout.plates):
+            raise ValueError(f"members: one entry per plate ({len(self.layout.plates)}), got {len(members)}")
+        out: list[Tensor | None] = []
+        for (J, _), idx in zip(self.layout.plates, members, strict=True):
+            if idx is not None:
+                idx = torch.as_tensor(idx, device=self.device)
+                if idx.dim() != 1 or idx.numel() == 0 or idx.dtype.is_floating_point or \
+                        idx.dtype == torch.bool or int(idx.min()) < 0 or int(idx.max()) >= J:
+                    raise ValueError(f"members of a plate of {J} must be a non-empty 1-D integer tensor of "
+                                     f"indices in [0, {J}), got {idx.dtype} of shape {tuple(idx.shape)}")
+                idx = idx.long()
+            out.append(idx)
+        return out
 
     def extra_repr(self) -> str:
         return f"globals={self.layout.globals}, plates={list(self.layout.plates)}, " + super().extra_repr()

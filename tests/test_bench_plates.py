@@ -21,6 +21,13 @@ def test_bench_plates_smoke(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert {r["guide"] for r in data["results"]} >= {"krflows-sparse", "krflows-dense", "AutoNormal"}
     assert all(r["seconds"] >= 0 for r in data["results"]) and data["scaling"]
+    rows = data["scaling"]
+    assert {r["guide"] for r in rows} == {"krflows-sparse", "krflows-dense", "zuko-NSF", "AutoIAFNormal"}
+    measured = [r for r in rows if "skipped" not in r]
+    assert measured and all(r["step_ms"] > 0 and r["log_prob_ms"] > 0 for r in measured)
+    skipped = [r for r in rows if "skipped" in r]  # the smoke run's tiny cap: the largest size is estimated
+    assert skipped and all(r["d"] == 40 and "> cap" in r["skipped"] for r in skipped)
+    assert "skipped: time: step ~" in text
 
 
 def test_oracle_agrees_with_importance_sampling_from_the_prior():

@@ -248,3 +248,170 @@ def test_sparse_guide_recovers_a_gaussian_hierarchical_posterior():
     assert float(((x.mean(0) - mean).abs() / sd).max()) < 0.25
     assert float((x.std(0) / sd - 1).abs().median()) < 0.1
     assert float((x.std(0) / sd - 1).abs().max()) < 0.25
+
+
+# ---- minibatch SVI: latents in a subsampled plate ---------------------------------------------
+
+def sub_hierarchical(y, sigma, batch=None, idx=None):
+    """``hierarchical`` with its plate subsampled (``batch`` random members, or the members ``idx``)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("groups", y.shape[-1], subsample_size=batch, subsample=idx) as i:
+        eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(mu + tau * eta, sigma[i]), obs=y[i])
+
+
+def sub_plates(y, sigma, batch=None, idx=None):
+    """The guide's plates follow the model's subsampling at every call (Pyro's ``create_plates``)."""
+    return pyro.plate("groups", y.shape[-1], subsample_size=batch, subsample=idx)
+
+
+def _elbo(model, guide, args, data=None):
+    """``log p - log q`` at the guide's draw (conditioned on ``data``), with Pyro's plate scaling."""
+    guide_tr = pyro.poutine.trace(pyro.poutine.condition(guide, data=data or {})).get_trace(*args)
+    model_tr = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_tr)).get_trace(*args)
+    return float(model_tr.log_prob_sum() - guide_tr.log_prob_sum())
+
+
+def test_minibatch_guide_is_an_unbiased_estimate_of_the_full_elbo():
+    """At fixed parameters and fixed reference draws z: the subsampled ELBO estimator averaged
+    over the 4 blocks of a partition of the members equals the full-data ELBO exactly, and over
+    random minibatches within its standard error. Oracle: the full-data model's guide (the
+    AutoContinuous path: one joint latent, log q by the flow's inverse) with the same flow."""
+    J, b = 40, 10
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        y, sigma = _data(J)
+        y, sigma = y.double(), sigma.double()
+        guide = AutoKRFlow(sub_hierarchical, layers=2, hidden=(8,), member_features=False,
+                           create_plates=sub_plates)
+        guide(y, sigma, b)
+        assert guide.latent_dim == J + 2 and guide.flow.layout.plates == ((J, 1),)
+        state = {k: v + 0.2 * torch.randn_like(v) for k, v in guide.flow.named_parameters()}
+        pyro.clear_param_store()
+        full = AutoKRFlow(hierarchical, layers=2, hidden=(8,), member_features=False, warmup=0)
+        full(y, sigma)
+        assert full.flow.order is None and guide.flow.order is None
+        full.flow.load_state_dict(state, strict=False)  # the store holds these: guide reads them too
+        z = torch.randn(J + 2, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            x = full.flow(z)
+            oracle = _elbo(hierarchical, full, (y, sigma), {"_AutoKRFlow_latent": x})
+
+            def estimate(idx):
+                data = {"_AutoKRFlow_z_globals": z[:2], "_AutoKRFlow_z_groups": z[2:][idx].unsqueeze(-1)}
+                return _elbo(sub_hierarchical, guide, (y, sigma, None, idx), data)
+
+            blocks = torch.randperm(J, generator=torch.Generator().manual_seed(2)).reshape(J // b, b)
+            assert abs(sum(estimate(idx) for idx in blocks) / len(blocks) - oracle) < 1e-8 * abs(oracle)
+            g = torch.Generator().manual_seed(3)
+            draws = torch.tensor([estimate(torch.randperm(J, generator=g)[:b]) for _ in range(100)])
+            se = float(draws.std()) / 100**0.5
+            assert se > 0.1 and abs(float(draws.mean()) - oracle) < 4 * se, (float(draws.mean()), oracle, se)
+            # the full-data call of the minibatch guide (every member, scale 1) is the oracle itself
+            assert abs(estimate(torch.arange(J)) - oracle) < 1e-8 * abs(oracle)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_minibatch_guide_draws_the_batch_members_and_summarizes_all():
+    J, b = 30, 6
+    y, sigma = _data(J)
+    guide = AutoKRFlow(sub_hierarchical, layers=1, hidden=(8,), create_plates=sub_plates)
+    guide.quantile_draws = 2**10
+    losses = _train(sub_hierarchical, guide, (y, sigma, b), steps=3, particles=3)
+    assert all(math.isfinite(v) for v in losses)
+    trace = pyro.poutine.trace(guide).get_trace(y, sigma, b)
+    assert trace.nodes["eta"]["value"].shape == (b,) and trace.nodes["eta"]["scale"] == J / b
+    assert trace.nodes["mu"]["scale"] == 1.0 and trace.nodes["_AutoKRFlow_x_groups"]["scale"] == J / b
+    assert guide.median()["eta"].shape == (J,) and guide.quantiles([0.1, 0.9])["eta"].shape == (2, J)
+    draws = Predictive(sub_hierarchical, guide=guide, num_samples=5)(y, sigma)  # batch=None: every member
+    assert draws["eta"].shape == (5, J) and draws["mu"].shape == (5, 1)
+    with pytest.raises(ValueError, match="potential_from_model"):
+        guide.potential  # noqa: B018
+    with pytest.raises(ValueError, match="full-data model"):
+        from krflows.pyro import neutra_nuts
+
+        neutra_nuts(sub_hierarchical, guide, 2, 2, y, sigma)
+
+
+def sub_coupled(y, batch=None):
+    with pyro.plate("p", y.shape[-1], subsample_size=batch):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    pyro.sample("total", dist.Normal(a.sum(-1), 1.0), obs=torch.tensor(0.0))
+
+
+def test_minibatch_guide_refuses_what_it_cannot_subsample():
+    y, sigma = _data(20)
+    with pytest.raises(ValueError, match=r"subsampled plate: only the sparse flow"):
+        AutoKRFlow(sub_hierarchical, sparse=False)(y, sigma, 5)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"'a' lies in subsampled plate 'p', which cannot be a member plate"):
+        AutoKRFlow(sub_coupled)(torch.randn(8), 4)
+
+
+@pytest.mark.slow
+def test_minibatch_svi_recovers_the_hierarchical_posterior():
+    """J = 40 groups, minibatches of 10; oracle: the exact posterior by quadrature (bench_plates)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_plates", Path(__file__).parent.parent / "benchmarks" / "bench_plates.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    J, b, steps = 40, 10, 1000
+    y, sigma = bench.make_data(J)
+    truth = bench.oracle(y, sigma)
+    pyro.set_rng_seed(0)
+    guide = AutoKRFlow(sub_hierarchical, create_plates=sub_plates)
+    optim = pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / steps)})
+    svi = SVI(sub_hierarchical, guide, optim, Trace_ELBO(num_particles=4, vectorize_particles=True))
+    for _ in range(steps):
+        svi.step(y, sigma, b)
+    with torch.no_grad():
+        draws = Predictive(sub_hierarchical, guide=guide, num_samples=4000, parallel=True,
+                           return_sites=["mu", "tau", "eta"])(y, sigma)
+    err = bench.errors(draws, truth)
+    assert abs(err["mu_mean_err_sd"]) < 0.6 and abs(err["tau_mean_err_sd"]) < 0.6, err
+    assert abs(err["mu_sd_ratio"] - 1) < 0.3 and abs(err["tau_sd_ratio"] - 1) < 0.3, err
+    assert err["theta_med_abs_mean_err_sd"] < 0.15 and err["theta_med_abs_sd_ratio_m1"] < 0.1, err
+
+
+def sub_nested(y, batch=None, idx=None):
+    """A subsampled member plate with a vector site, a positive site and a nested plate."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    s = pyro.sample("s", dist.LogNormal(0.0, 1.0).expand([2]).to_event(1))
+    with pyro.plate("g", y.shape[-1], dim=-1, subsample_size=batch, subsample=idx) as i:
+        th = pyro.sample("th", dist.Normal(mu, 1.0))
+        pyro.sample("v", dist.LogNormal(0.0, 1.0).expand([3]).to_event(1))
+        with pyro.plate("k", y.shape[-2], dim=-2):
+            eta = pyro.sample("eta", dist.Normal(th, s[..., :1]))
+            pyro.sample("y", dist.Normal(eta, 1.0), obs=y[:, i])
+
+
+def test_minibatch_guide_places_the_batch_members_where_the_full_flow_has_them():
+    """Oracle: the full flow's draw at the same reference point, unpacked into the full sites
+    (the flow's order gathers each member's th, v and its column of eta into one block)."""
+    y = torch.randn(4, 12)
+    guide = AutoKRFlow(sub_nested, layers=1, hidden=(8,),
+                       create_plates=lambda y, batch=None, idx=None: pyro.plate(
+                           "g", y.shape[-1], dim=-1, subsample_size=batch, subsample=idx))
+    guide(y, 5)
+    assert guide.flow.layout.globals == 3 and guide.flow.layout.plates == ((12, 1 + 3 + 4),)
+    randomize = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in guide.flow.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=randomize))
+        z = torch.randn(guide.flow.dim, generator=torch.Generator().manual_seed(1))
+        full = guide._unpack(guide.flow(z))
+        idx = torch.tensor([7, 2, 11, 0, 5])
+        data = {"_AutoKRFlow_z_globals": z[:3], "_AutoKRFlow_z_g": z[3:].reshape(12, 8)[idx]}
+        trace = pyro.poutine.trace(pyro.poutine.condition(guide, data=data)).get_trace(y, None, idx)
+    for name, axis in (("mu", None), ("s", None), ("th", 0), ("v", 0), ("eta", 1)):
+        want = full[name] if axis is None else full[name].index_select(axis, idx)
+        torch.testing.assert_close(trace.nodes[name]["value"], want, atol=1e-6, rtol=1e-6)
+    guide.quantile_draws = 2**10
+    median = guide.median()
+    assert median["eta"].shape == (4, 12) and median["v"].shape == (12, 3) and median["mu"].shape == ()

@@ -407,9 +407,12 @@ def test_autokrflow_minibatch_svi():
     assert 0.4 * sd < float(res.samples.std()) < 1.6 * sd
 
 
-def test_local_latents_in_subsampled_plate_are_refused():
+def test_local_latents_in_subsampled_plate_need_the_sparse_guide():
     with pytest.raises(ValueError, match=r"\['z'\] lie in a subsampled plate"):
         potential_from_model(local_latents, Y_BIG, 20)
-    with pytest.raises(ValueError, match="subsampled plate"):
-        AutoKRFlow(local_latents)(Y_BIG, 20)
+    with pytest.raises(ValueError, match="only the sparse flow"):
+        AutoKRFlow(local_latents, sparse=False)(Y_BIG, 20)
+    pyro.clear_param_store()
+    guide = AutoKRFlow(local_latents, layers=1, hidden=(8,))  # sparse: pushes the 20 members of a batch
+    assert guide(Y_BIG, 20)["z"].shape == (20,) and guide.latent_dim == 1 + 200
     assert potential_from_model(local_latents, Y_BIG).dim == 1 + 200  # in full: fine
