@@ -623,8 +623,8 @@ class AutoKRFlow(AutoContinuous):
         loc = self._init_loc()
         flow = flow.to(torch.promote_types(loc.dtype, torch.get_default_dtype()))
         if flow.affine is not None and not self._sync_param_store(flow):
-            loc = layout.full_init(loc.to(flow.dtype))[flow.order if flow.order is not None else slice(None)]
-            flow.affine.initialize(loc, torch.full_like(loc, self._init_scale ** 2))
+            loc = layout.full_init(loc.to(flow.dtype))
+            flow.initialize_gaussian(loc, torch.full_like(loc, self._init_scale ** 2))
         self.latent_dim = flow.dim
         self.flow = flow
 
