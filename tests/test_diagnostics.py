@@ -4,6 +4,7 @@ Flows are set exactly (``KRFlow(d, family="affine", layers=0)`` + ``affine.initi
 that ``q`` is a known Gaussian and the truth of each diagnostic is known in closed form.
 """
 
+import dataclasses
 import json
 import math
 
@@ -464,3 +465,30 @@ def test_missed_bias_replaces_the_few_draws_in_a_missed_mode():
             flagged += 1
             assert found.log_z_missed_bias == pytest.approx(float(mixture.log_z) - log_z, abs=0.03)
     assert flagged >= 4
+
+
+@pytest.mark.parametrize("flow_weights, flagged", [([0.5, 0.5], True), ([0.3, 0.7], False)])
+def test_reweighted_mode_shares_find_a_misweighted_covered_mode(flow_weights, flagged):
+    """The 'flow' is an exact sampler of a 2-component mixture with known density, the target
+    the 0.3/0.7 mixture: the found modes' reweighted shares must estimate 0.3/0.7 within their
+    standard errors (oracle: the target's weights), and the verdict must flag the misweighted
+    flow and stay silent on the right one."""
+    from krflows.diagnostics.modes import missed_modes
+    from krflows.diagnostics.report import problems
+
+    target = targets.Bimodal2D(separation=8.0, weights=[0.3, 0.7], dtype=torch.float64)
+    proposal = targets.Bimodal2D(separation=8.0, weights=flow_weights, dtype=torch.float64)
+    torch.manual_seed(0)
+    x = proposal.sample((N,))
+    log_w = target.log_prob(x) - proposal.log_prob(x)
+    log_z = float(torch.logsumexp(log_w, 0) - math.log(N))
+    modes = krflows.find_modes(target, box=(-10.0, 10.0), seed=0)
+    left = int(modes.locations[:, 0].argmin())
+    found = missed_modes(modes, x, proposal.log_prob(modes.locations), log_z, log_w=log_w)
+    assert found.n_missed_modes == 0
+    share, se = found.found_mode_weights_reweighted[left], found.found_mode_weights_se[left]
+    assert abs(share - 0.3) < 4 * se and se < 0.02
+    assert found.found_mode_weights[left] == pytest.approx(flow_weights[0], abs=0.03)
+    e = {"ess": 0.9, "pareto_k": 0.2, **dataclasses.asdict(found)}
+    text = "; ".join(problems(e, 1.0))
+    assert ("misweights the modes it covers" in text) == flagged

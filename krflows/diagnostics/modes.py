@@ -221,6 +221,12 @@ class MissedModes:
     missed_mass: float
     log_z_missed_bias: float
     mode_search_seconds: float
+    #: with several found modes: the flow's share of its draws per found mode, the same share
+    #: importance-reweighted (an estimate of the target's), and that estimate's standard error
+    found_mode_weights: list[float] | None = None
+    found_mode_weights_reweighted: list[float] | None = None
+    found_mode_weights_se: list[float] | None = None
+    found_mode_tv: float | None = None
 
 
 def missed_modes(modes, x: Tensor, log_q_modes: Tensor, log_z: float, *, log_w: Tensor | None = None,
@@ -272,6 +278,7 @@ def missed_modes(modes, x: Tensor, log_q_modes: Tensor, log_z: float, *, log_w: 
     k = len(modes)
     if k == 0:
         return MissedModes(0, [], 0, 0.0, 0.0, seconds)
+    shares = _reweighted_shares(modes, x, log_w) if k > 1 and log_w is not None else {}
     radius = math.sqrt(chi2.ppf(0.999, modes.dim))
     flow_mass = modes.mass(x, radius=radius)
     log_mass = modes.log_mass.double().cpu()
@@ -284,7 +291,7 @@ def missed_modes(modes, x: Tensor, log_q_modes: Tensor, log_z: float, *, log_w: 
              "negative_definite": bool(modes.negative_definite[j])}
             for j in torch.nonzero(missed).reshape(-1).tolist()]
     if not rows:
-        return MissedModes(k, [], 0, 0.0, 0.0, seconds)
+        return MissedModes(k, [], 0, 0.0, 0.0, seconds, **shares)
     log_missed = torch.logsumexp(log_mass[missed], 0) - float(log_z)  # log(sum M_m / Z-hat)
     share = 0.0
     if log_w is not None:  # the share of Z-hat carried by draws near the missed modes
@@ -294,7 +301,27 @@ def missed_modes(modes, x: Tensor, log_q_modes: Tensor, log_z: float, *, log_w: 
     frac = float(log_missed.exp() / (rest + log_missed.exp()))
     for row in rows:  # each missed mode's share of the target under the corrected Z
         row["expected_mass"] = math.exp(row["log_mass"] - float(log_z)) / float(rest + log_missed.exp())
-    return MissedModes(k, rows, len(rows), frac, bias, seconds)
+    return MissedModes(k, rows, len(rows), frac, bias, seconds, **shares)
+
+
+def _reweighted_shares(modes, x: Tensor, log_w: Tensor) -> dict:
+    r"""Each found mode's share of the flow's draws (:meth:`~krflows.correct.ModeSet.assign`) and
+    the self-normalized importance estimate of the target's share, with its delta-method
+    standard error :math:`\sqrt{\sum_i \bar w_i^2 (1_{k_i = k} - \hat p_k)^2}`. A misweighted
+    but covered mode shows as a gap between the two that the standard error cannot explain;
+    unlike the missed-mode check this needs no Laplace mass (its draws carry the weights)."""
+    lw = log_w.double().reshape(-1)
+    ok = torch.isfinite(lw)
+    if not bool(ok.any()):
+        return {}
+    x, lw = x[ok], lw[ok]
+    flow = modes.mass(x)
+    w = torch.softmax(lw, 0)
+    share = modes.mass(x, lw)
+    onehot = torch.nn.functional.one_hot(modes.assign(x), len(modes)).double().to(w.device)
+    se = torch.sqrt(((w[:, None] * (onehot - share[None, :])) ** 2).sum(0))
+    return {"found_mode_weights": flow.tolist(), "found_mode_weights_reweighted": share.tolist(),
+            "found_mode_weights_se": se.tolist(), "found_mode_tv": float(0.5 * (flow - share).abs().sum())}
 
 
 def mode_search(flow, target, x: Tensor, log_z: float, modes="search", options: dict | None = None,

@@ -119,6 +119,14 @@ LAYOUT: tuple[Entry, ...] = (
           "negative: Z_IS overestimates", "the implied bias of the flow's log Z"),
     Entry("missed_modes", "missed modes", doc="one dict per missed mode: ``location``, ``log_density``, "
           "``log_mass``, ``expected_mass``, ``flow_mass``, ``log_density_ratio``, ``negative_definite``"),
+    Entry("found_mode_weights", "found modes' weights, flow", _MODES, None, "",
+          "share of the flow's draws per found mode", "with several found modes: the flow's share of "
+          "its draws per mode (:meth:`~krflows.correct.ModeSet.assign`)"),
+    Entry("found_mode_weights_reweighted", "found modes' weights, reweighted", _MODES,
+          "found_mode_weights_se", "", "self-normalized importance estimate of the target's",
+          "the same shares importance-reweighted: an estimate of the target's weights (with s.e.)"),
+    Entry("found_mode_tv", "total variation, flow vs reweighted", _MODES, None, "",
+          "1/2 sum |flow - reweighted|", "how misweighted the covered modes are"),
     Entry("mode_search_seconds", "mode search seconds", unit="s", doc="wall time of the mode search"),
     Entry("valley_definition", "valley", doc="what the valley is: the gap of a 1-D target with a "
           "``gap``, else :func:`valley_mask` with ``level = valley_level`` (``modes``, 2 <= K <= max_modes)"),
@@ -203,6 +211,11 @@ def problems(e: Mapping, scale: float) -> list[str]:
     elif e.get("mode_tv", 0) > MODE_TV_HIGH:
         out.append(f"mode weights are off: TV {e['mode_tv']:.2f} (flow {_fmt(e['mode_weights'])} "
                    f"vs target {_fmt(e['true_mode_weights'])})")
+    elif "mode_tv" not in e and not e.get("missed_modes") and _misweighted(e):
+        out.append(f"the flow misweights the modes it covers: it gives the {len(e['found_mode_weights'])} "
+                   f"found modes {_fmt(e['found_mode_weights'])} but its importance weights say "
+                   f"{_fmt(e['found_mode_weights_reweighted'])} (TV {e['found_mode_tv']:.2f}); "
+                   f"importance-weighted estimates and krflows.debias correct this")
     in_gap = e.get("valley_definition", "").startswith("mass in the gap")
     if "true_valley_mass" in e and not (in_gap and e.get("frac_zero_density", 0) > 0):
         v, t = e["valley_mass"], e["true_valley_mass"]
@@ -240,6 +253,22 @@ def problems(e: Mapping, scale: float) -> list[str]:
         out.append(f"inverse residual {e['inverse_residual_max']:.2g}: log q at given points "
                    f"(EUBO, forward ESS) is inexact")
     return out
+
+
+def _se(se) -> str:
+    return _fmt([float(f"{v:.2g}") for v in se]) if isinstance(se, list | tuple) else f"{se:.2g}"
+
+
+def _misweighted(e: Mapping) -> bool:
+    """Covered modes with the wrong weights, from the mode search's reweighted shares: the gap is
+    above MODE_TV_HIGH, beyond 3 standard errors in some mode, and the weights are reliable."""
+    if e.get("found_mode_tv") is None or e["found_mode_tv"] <= MODE_TV_HIGH:
+        return False
+    if e.get("pareto_k", math.inf) > PARETO_UNRELIABLE:
+        return False
+    gaps = zip(e["found_mode_weights"], e["found_mode_weights_reweighted"], e["found_mode_weights_se"],
+               strict=True)
+    return any(abs(f - r) > 3 * se for f, r, se in gaps)
 
 
 def _missed_message(e: Mapping) -> str:
@@ -355,7 +384,7 @@ class Report(Mapping):
         for entry in LAYOUT:
             if entry.section is None or entry.key not in e:
                 continue
-            value = _fmt(e[entry.key]) + (f" ± {e[entry.se]:.2g}" if entry.se and entry.se in e else "")
+            value = _fmt(e[entry.key]) + (" ± " + _se(e[entry.se]) if entry.se and entry.se in e else "")
             note = e.get("valley_definition", "") if entry.key.endswith("valley_mass") else entry.note
             rows[entry.section].append((entry.label, value, note))
         if rows[_MAP] and "log_slope_quantiles" in e:
