@@ -58,7 +58,7 @@ SMALL_GUIDES = ("krflows-sparse", "krflows-dense", "AutoNormal", "AutoMultivaria
 LARGE_GUIDES = ("krflows-sparse", "AutoNormal", "AutoLowRank")
 FULL = {"J_small": 50, "J_large": 1000, "steps": 2000, "particles": 4, "lr": 1e-2, "lr_final": 1e-3,
         "nuts_chains": 2, "nuts_warmup": 500, "nuts_samples": 1000,
-        "large_nuts_warmup": 200, "large_nuts_samples": 300, "draws": 2000, "draws_large": 1000,
+        "large_nuts_warmup": 300, "large_nuts_samples": 700, "draws": 2000, "draws_large": 1000,
         "chunk": 250, "rank": 10}
 SMOKE = {"J_small": 6, "J_large": 12, "steps": 15, "particles": 2, "lr": 1e-2, "lr_final": 1e-3,
          "nuts_chains": 2, "nuts_warmup": 15, "nuts_samples": 25,
@@ -250,7 +250,7 @@ def _table(res: dict) -> str:
     for r in res["guides"]:
         e, s = r["glob_mean_err_sd"], r["glob_sd_ratio"]
         rows.append([r["guide"], f"{r['seconds']:.0f} ({r['first_step_seconds']:.0f})",
-                     f"{r['elbo']:.1f} ± {r['elbo_se']:.1f}", r["ess"], r["pareto_k"],
+                     f"{r['elbo']:.1f} ± {r['elbo_se']:.2f}", r["ess"], r["pareto_k"],
                      [round(v, 2) for v in e[:P]], [round(v, 2) for v in e[P:]],
                      [round(v, 2) for v in s[:P]], [round(v, 2) for v in s[P:]],
                      r["beta_med_abs_mean_err_sd"], r["beta_med_abs_sd_ratio_m1"], r["beta_coverage90"]])
@@ -327,8 +327,8 @@ def plot(path, results: list[dict]) -> None:
         a = ax[2 * col + 1]
         samples = res["_samples"]
         ref = samples["NUTS"][:, P].double().log()  # log tau[0]
-        lo, hi = torch.quantile(ref, torch.tensor([0.002, 0.998], dtype=torch.float64)).tolist()
-        pad = 0.4 * (hi - lo)
+        lo, hi = torch.quantile(ref, torch.tensor([0.005, 0.995], dtype=torch.float64)).tolist()
+        pad = 0.25 * (hi - lo)
         bins = torch.linspace(lo - pad, hi + pad, 40).tolist()
         a.hist(ref.numpy(), bins=bins, density=True, color="k", alpha=0.25, label="NUTS")
         for r in res["guides"]:
