@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
 
 import pyro
@@ -282,6 +282,29 @@ class ModelPotential(Target):
 
     def __repr__(self) -> str:
         return f"ModelPotential(dim={self.dim}, sites={self.site_names})"
+
+
+@contextmanager
+def _outside_inference():
+    """Runs the block as if no Pyro handler were active.
+
+    The guide's first call happens inside SVI's handlers (a trace, the plate of vectorized
+    particles at ``dim = -max_plate_nesting - 1``); its warm-up evaluates the model's potential,
+    a separate computation whose own points plate takes that same dim, and Pyro refused it
+    ("plates collide") whenever ``max_plate_nesting`` was given exactly. Pyro has no public way
+    to step outside its handlers, so the handler stack and the plates' dim allocator are set
+    aside and restored afterwards (pyro-ppl 1.9 internals; tests/test_pyro.py guards this).
+    """
+    from pyro.poutine import runtime
+
+    stack, dims = runtime._PYRO_STACK[:], runtime._DIM_ALLOCATOR._stack[:]
+    runtime._PYRO_STACK.clear()
+    runtime._DIM_ALLOCATOR._stack.clear()
+    try:
+        yield
+    finally:
+        runtime._PYRO_STACK[:] = stack
+        runtime._DIM_ALLOCATOR._stack[:] = dims
 
 
 def _unpack(sites: Sequence[_Site], x: Tensor) -> dict[str, Tensor]:
@@ -576,7 +599,8 @@ class AutoKRFlow(AutoContinuous):
             # variances alone: no d x d matrix for the sparse stage
             flow.initialize_gaussian(loc, torch.full_like(loc, self._init_scale ** 2))
             if self._warmup > 0:
-                warm_up(flow, potential, steps=self._warmup, batch_size=self._warmup_batch)
+                with _outside_inference():  # e.g. inside SVI's vectorized-particles plate
+                    warm_up(flow, potential, steps=self._warmup, batch_size=self._warmup_batch)
         self._potential = potential
         self.flow = flow  # registered with the param store (pyro.module) on first access
 

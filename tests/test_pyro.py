@@ -416,3 +416,28 @@ def test_local_latents_in_subsampled_plate_need_the_sparse_guide():
     guide = AutoKRFlow(local_latents, layers=1, hidden=(8,))  # sparse: pushes the 20 members of a batch
     assert guide(Y_BIG, 20)["z"].shape == (20,) and guide.latent_dim == 1 + 200
     assert potential_from_model(local_latents, Y_BIG).dim == 1 + 200  # in full: fine
+
+
+@pytest.mark.parametrize("nesting", [1, 2, None])
+def test_guide_warm_up_inside_vectorized_particles_with_exact_max_plate_nesting(nesting):
+    # The guide's first call (its warm-up evaluates the model's potential) happens inside SVI's
+    # particle plate at dim -(nesting + 1); with the exact nesting that used to collide with the
+    # potential's own points plate. The step must run and the loss be finite.
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("g", y.shape[-1]):
+            eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(mu + eta, 1.0), obs=y)
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    y = torch.randn(5)
+    kwargs = {} if nesting is None else {"max_plate_nesting": nesting}
+    for sparse in (True, False):
+        pyro.clear_param_store()
+        svi = pyro.infer.SVI(model, krflows.pyro.AutoKRFlow(model, warmup=5, sparse=sparse),
+                             pyro.optim.Adam({"lr": 1e-3}),
+                             pyro.infer.Trace_ELBO(num_particles=4, vectorize_particles=True, **kwargs))
+        assert math.isfinite(svi.step(y))
+    from pyro.poutine import runtime
+    assert runtime._PYRO_STACK == [] and all(d is None for d in runtime._DIM_ALLOCATOR._stack)
