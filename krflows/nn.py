@@ -87,7 +87,10 @@ class SoftClamp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bound: float) -> Tensor:
-        y = bound * (2 * torch.sigmoid(x * (2 / bound)) - 1)
+        # in place on one fresh buffer: a new full-size tensor per elementwise step cost more
+        # than the arithmetic (forward + backward 0.71 -> 0.26 ms at 270 x 512, 14.3 -> 6.3 ms
+        # at 270 x 4096, one thread, loaded machine)
+        y = torch.mul(x, 2 / bound).sigmoid_().mul_(2 * bound).sub_(bound)
         ctx.save_for_backward(y)
         ctx.bound = bound
         return y
@@ -95,8 +98,9 @@ class SoftClamp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (y,) = ctx.saved_tensors
-        u = y / ctx.bound
-        return grad * (1 - u * u), None
+        u = torch.mul(y, 1 / ctx.bound)
+        u2 = u * u if torch.is_grad_enabled() else u.mul_(u)  # out of place under create_graph
+        return torch.addcmul(grad, grad, u2, value=-1), None  # grad (1 - u²)
 
 
 class MaskedMLP(nn.Module):

@@ -13,6 +13,7 @@ the flow start at the identity. Slopes are bounded below by ``min_slope``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -99,6 +100,11 @@ class Spline(MonotoneFamily):
     points through boolean masks (several copies and small kernels per call) and pins the
     boundary slopes to 1; this version evaluates every point with the same branch-free
     arithmetic. tests/test_transforms.py checks it against nflows' kernel inside the box.
+
+    Eager calls of :meth:`forward` (``z -> x``, the sampling and training direction) run one
+    autograd Function with a hand-written backward (``_SplineForward``: the plain operations
+    cost ~80 small kernels each way, see its docstring and benchmarks/README.md); under
+    torch.compile and for double backward the plain operations (:meth:`_forward_ops`) run.
     """
 
     def __init__(self, bins: int = 8, bound: float = 5.0, affine: bool = True,
@@ -145,7 +151,8 @@ class Spline(MonotoneFamily):
         for k in range(1, K):
             partial.append(partial[-1] + e[..., k])
         scale = (2 * B * (1 - K * self.min_width)) / partial[-1].unsqueeze(-1)
-        interior = torch.stack(partial[:-1], -1) * scale + self._knot_base(e) if K > 1 else e[..., :0]
+        interior = torch.stack(partial[:-1], -1) * scale + _constants(self, e)[0].squeeze(-1) if K > 1 \
+            else e[..., :0]
         # The end knots are pinned to -B and B exactly (the formula gives them only up to
         # rounding, and an end knot at B + 2e-15 made forward and inverse evaluate the tail
         # slope at two different ξ slightly below 1, which in a steep bin compounded into
@@ -154,11 +161,6 @@ class Spline(MonotoneFamily):
         edges[0], edges[-1] = -B, B
         knots = F.pad(interior, (1, 1)) + edges
         return torch.cat([knots, slopes.unsqueeze(-2)], -2)
-
-    def _knot_base(self, like: Tensor) -> Tensor:
-        """``2 B m j - B`` for the interior knots ``j = 1..K-1``."""
-        j = torch.arange(1, self.bins, dtype=like.dtype, device=like.device)
-        return j * (2 * self.bound * self.min_width) - self.bound
 
     def _bin_ends(self, table: Tensor, row: int, v: Tensor) -> list[Tensor]:
         """``z_k, w_k, x_k, h_k, δ_k, δ_{k+1}`` of the bin of ``v`` along knot row ``row``."""
@@ -173,8 +175,10 @@ class Spline(MonotoneFamily):
     def forward(self, z, params):
         if not torch.compiler.is_compiling():
             # eager: one autograd Function with a hand-written backward (see _SplineForward)
-            shape = torch.broadcast_shapes(z.shape, params.shape[:-1])
-            return _SplineForward.apply(z.expand(shape), params.expand(*shape, self.n_params), self)
+            if z.shape != params.shape[:-1]:
+                shape = torch.broadcast_shapes(z.shape, params.shape[:-1])
+                z, params = z.expand(shape), params.expand(*shape, self.n_params)
+            return _SplineForward.apply(z, params, self)
         return self._forward_ops(z, params)
 
     def _forward_ops(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,11 +195,11 @@ class Spline(MonotoneFamily):
 
     @staticmethod
     def _slope(xi, s, d0, d1):
-        """``dx/dz`` inside the bin, and the pieces the value needs."""
+        """``dx/dz`` inside the bin, and the pieces the value (and the derivative) need."""
         t = xi * (1 - xi)
         den = s + (d1 + d0 - 2 * s) * t
         num = d1 * xi * xi + 2 * s * t + d0 * (1 - xi) * (1 - xi)
-        return s * s * num / (den * den), t, den
+        return s * s * num / (den * den), t, den, num
 
     def _spline(self, z, params):
         B = self.bound
@@ -203,7 +207,7 @@ class Spline(MonotoneFamily):
         z0, w, x0, h, d0, d1 = self._bin_ends(self._table(params), 0, zc)
         s = h / w
         xi = ((zc - z0) / w).clamp(0, 1)
-        slope, t, den = self._slope(xi, s, d0, d1)
+        slope, t, den, _ = self._slope(xi, s, d0, d1)
         x = x0 + h * (s * xi * xi + d0 * t) / den
         # Outside the box: the line through the end knot (±B, ±B) with the tail's own slope
         # δ_0 or δ_K, taken directly (not the inside formula at ξ ≈ 0 or 1), so that forward
@@ -237,6 +241,20 @@ class Spline(MonotoneFamily):
         slope = torch.where(out, torch.where(above, d1, d0), slope)
         step = (v - vc) / slope if inverse else (v - vc) * slope
         return torch.where(out, vc + step, inside), torch.log(slope)
+
+
+@functools.lru_cache(maxsize=32)
+def _constants_cached(bins: int, bound: float, min_width: float, dtype: torch.dtype, device: torch.device
+                      ) -> tuple[Tensor, Tensor]:
+    j = torch.arange(1, bins, dtype=dtype, device=device)
+    return (j * (2 * bound * min_width) - bound).unsqueeze(-1), \
+        torch.arange(bins + 1, device=device).unsqueeze(-1)
+
+
+def _constants(fam: Spline, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The interior knots' offsets ``2 B m j - B`` ``(K-1, 1)`` and the bin numbers ``(K+1, 1)``
+    (made once per dtype and device: two fewer kernels per call)."""
+    return _constants_cached(fam.bins, fam.bound, fam.min_width, like.dtype, like.device)
 
 
 class _SplineForward(torch.autograd.Function):
@@ -289,7 +307,7 @@ class _SplineForward(torch.autograd.Function):
         L, R = zt.shape
         off = 2 if aff else 0
         u = pt[:, off:off + 2 * K].view(L, 2, K, R)  # widths, heights
-        e = torch.exp(u - u.amax(2, keepdim=True))
+        e = torch.sub(u, u.amax(2, keepdim=True)).exp_()
         cs = e.new_empty(L, 2, K + 1, R)  # C_j = sum_{i<j} e_i, j = 0..K
         cs[:, :, 0] = 0
         cs[:, :, 1] = e[:, :, 0]
@@ -298,10 +316,10 @@ class _SplineForward(torch.autograd.Function):
         S = cs[:, :, K]
         knots = e.new_empty(L, 2, K + 1, R)
         knots[:, :, 0], knots[:, :, K] = -B, B
+        r = (2 * B * (1 - K * fam.min_width)) / S  # dz_j / dC_j
         if K > 1:
-            scale = (2 * B * (1 - K * fam.min_width)) / S.unsqueeze(2)
-            torch.mul(cs[:, :, 1:K], scale, out=knots[:, :, 1:K])
-            knots[:, :, 1:K] += fam._knot_base(e).unsqueeze(-1)
+            torch.mul(cs[:, :, 1:K], r.unsqueeze(2), out=knots[:, :, 1:K])
+            knots[:, :, 1:K] += _constants(fam, e)[0]
         zc = zt.clamp(-B, B)
         if K > 1:
             idx = (zc.unsqueeze(1) >= knots[:, 0, 1:K]).sum(1)
@@ -310,27 +328,37 @@ class _SplineForward(torch.autograd.Function):
         ends = torch.stack([idx, idx + 1], 1)  # (L, 2, R)
         ends4 = ends.unsqueeze(1).expand(L, 2, 2, R)
         ends_zx = knots.gather(2, ends4)  # (L, row, end, R)
-        z0, z1, x0, x1 = ends_zx[:, 0, 0], ends_zx[:, 0, 1], ends_zx[:, 1, 0], ends_zx[:, 1, 1]
-        r0, r1 = pt[:, off + 2 * K:].gather(1, ends).unbind(1)
-        w, h = z1 - z0, x1 - x0
+        wh = ends_zx[:, :, 1] - ends_zx[:, :, 0]
+        z0, x0, w, h = ends_zx[:, 0, 0], ends_zx[:, 1, 0], wh[:, 0], wh[:, 1]
+        r01 = pt[:, off + 2 * K:].gather(1, ends)  # the bin's two raw knot slopes
+        d01 = _positive(r01, fam.min_slope)
+        d0, d1 = d01[:, 0], d01[:, 1]
         s = h / w
-        d0, d1 = _positive(r0, fam.min_slope), _positive(r1, fam.min_slope)
         xi_raw = (zc - z0) / w
         xi = xi_raw.clamp(0, 1)
-        slope, t, den = Spline._slope(xi, s, d0, d1)
-        x = x0 + h * (s * xi * xi + d0 * t) / den
-        x, log_d = Spline._tails(zt, zc, x, slope, d0, d1)
+        slope, t, den, num = Spline._slope(xi, s, d0, d1)
+        n1 = s * xi * xi + d0 * t
+        x = x0 + h * n1 / den
+        # Spline._tails, inline to keep its masks
+        above, below = zt > zc, zt < zc
+        out = above | below
+        d_out = torch.where(above, d1, d0)
+        slope = torch.where(out, d_out, slope)
+        tail = zt - zc
+        x = torch.where(out, zc + tail * slope, x)
+        log_d = torch.log(slope)
         if aff:
             a, v = pt[:, 0], pt[:, 1]
             sc = _positive(v, fam.min_slope)
             X, Ld = a + sc * x, log_d + torch.log(sc)
             v = v.clone()  # not a view: saving it would keep all of pt alive
         else:
-            v = None
+            v = sc = None
             X, Ld = x, log_d
         ctx.fam, ctx.native = fam, native
-        ctx.save_for_backward(z, params, e, cs.gather(2, ends4) / S.unsqueeze(2), S,
-                              idx, zt, zc, z0, w, x0, h, r0, r1, xi_raw, x, v)
+        ctx.save_for_backward(z, params, e, cs.gather(2, ends4) / S.unsqueeze(2), r, idx, r01, d01,
+                              s, xi, (xi_raw >= 0) & (xi_raw <= 1), t, den, num, n1, w, h,
+                              above, below, tail, d_out, x, v, sc)
         if native:
             return X.T.contiguous().view(z.shape), Ld.T.contiguous().view(z.shape)
         return X.view(z.shape), Ld.view(z.shape)
@@ -338,7 +366,8 @@ class _SplineForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gX: Tensor | None, gL: Tensor | None):
         fam = ctx.fam
-        (z, params, e, csn, S, idx, zt, zc, z0, w, x0, h, r0, r1, xi_raw, x, v) = ctx.saved_tensors
+        (z, params, e, csn, r, idx, r01, d01, s, xi, xm, t, den, num, n1, w, h,
+         above, below, tail, d_out, x, v, sc) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain operations
             with torch.enable_grad():
                 outs = fam._forward_ops(z, params)
@@ -347,13 +376,13 @@ class _SplineForward(torch.autograd.Function):
             grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                              create_graph=True, allow_unused=True))
             return *(next(grads) if need else None for need in ctx.needs_input_grad[:2]), None
-        K, B, aff = fam.bins, fam.bound, fam.affine
-        L, R = zt.shape
+        K, aff = fam.bins, fam.affine
+        L, R = xi.shape
         P = params.shape[-1]
 
         def points(g: Tensor | None) -> Tensor:  # an output gradient in the (L, R) layout
             if g is None:
-                return zt.new_zeros(L, R)
+                return xi.new_zeros(L, R)
             return g.reshape(R, L).T.contiguous() if ctx.native else g.reshape(L, R)
 
         gX, gL = points(gX), points(gL)
@@ -361,62 +390,49 @@ class _SplineForward(torch.autograd.Function):
         gt = params.new_empty(L, P, R)  # the parameter gradient, parameter-major
         cst = math.log(math.expm1(1.0 - fam.min_slope))  # _positive's offset
         if aff:
-            sc = _positive(v, fam.min_slope)
             gt[:, 0] = gX
             gt[:, 1] = torch.ops.aten.softplus_backward(gX * x + gL / sc, v + cst, 1.0, 20.0)
             gx = gX * sc
         else:
             gx = gX
-        # --- the bin's rational function, by the chain rule
-        s = h / w
-        d0, d1 = _positive(r0, fam.min_slope), _positive(r1, fam.min_slope)
-        xi = xi_raw.clamp(0, 1)
-        t = xi * (1 - xi)
-        c1 = d1 + d0 - 2 * s
-        den = s + c1 * t
-        n1 = s * xi * xi + d0 * t
-        num = d1 * xi * xi + 2 * s * t + d0 * (1 - xi) * (1 - xi)
-        above, below = zt > zc, zt < zc
+        # --- the bin's rational function x = x_0 + h n1 / den, log slope = log(s² num / den²)
         out = above | below
-        g_in = torch.where(out, 0.0, gx)  # d/dx of the in-bin value
-        gl_in = torch.where(out, 0.0, gL)  # d/d log slope, in the bin
+        inside = ~out
+        g_in, gl_in = gx * inside, gL * inside  # d/dx and d/d log slope of the in-bin formula
+        d0, d1 = d01[:, 0], d01[:, 1]
         g_n1 = g_in * h / den
-        g_den = -g_n1 * n1 / den - 2 * gl_in / den
+        G = (g_n1 * n1 + 2 * gl_in) / den  # minus d/d den
         g_num = gl_in / num
-        g_s = g_n1 * xi * xi + g_den * (1 - 2 * t) + g_num * 2 * t + 2 * gl_in / s
-        g_d0 = (g_n1 + g_den) * t + g_num * (1 - xi) * (1 - xi)
-        g_d1 = g_den * t + g_num * xi * xi
-        g_xi = (g_n1 * (2 * s * xi + d0 * (1 - 2 * xi)) + g_den * c1 * (1 - 2 * xi)
-                + g_num * 2 * (d1 * xi + s * (1 - 2 * xi) - d0 * (1 - xi)))
-        g_xi = torch.where((xi_raw >= 0) & (xi_raw <= 1), g_xi, 0.0)  # the clamp of ξ
+        xi2, omx, u12 = xi * xi, 1 - xi, 1 - 2 * xi
+        g_s = g_n1 * xi2 - G * (1 - 2 * t) + 2 * (g_num * t + gl_in / s)
+        g_xi = (g_n1 * (2 * s * xi + d0 * u12) - G * (d1 + d0 - 2 * s) * u12
+                + 2 * g_num * (d1 * xi + s * u12 - d0 * omx)) * xm  # xm: ξ not clamped
         # --- the tails: x = ±B + (z ∓ B) δ, log slope = log δ
-        d_out = torch.where(above, d1, d0)
-        g_out = torch.where(out, gx * (zt - zc) + gL / d_out, 0.0)
-        g_d0 = g_d0 + torch.where(below, g_out, 0.0)
-        g_d1 = g_d1 + torch.where(above, g_out, 0.0)
-        gz = torch.where(out, gx * d_out, g_xi / w)
+        g_out = (gx * tail + gL / d_out) * out
+        g_d01 = torch.stack([(g_n1 - G) * t + g_num * omx * omx + g_out * below,
+                             g_num * xi2 - G * t + g_out * above], 1)
+        gxw = g_xi / w
+        gz = torch.where(out, gx * d_out, gxw)
         # --- knots: s = h / w, ξ = (z - z_0) / w, z_1 = z_0 + w, x_1 = x_0 + h
         g_h = g_in * n1 / den + g_s / w
-        g_w = -(g_s * s + g_xi * xi) / w
+        gw_neg = (g_s * s + g_xi * xi) / w  # minus d/dw
         # per row (z knots, x knots): gradient on knot k (a) and knot k + 1 (b), then through
         # the running sum and the softmax (formula in the class docstring). Masks are 0/1
         # floats and the products addcmul: torch.where over (2, K, n) costs ~20 times a
         # multiplication there (6.3 vs 0.09 ms at n = 40960, one thread).
-        r = (2 * B * (1 - K * fam.min_width)) / S  # (L, 2, R)
-        ga = torch.stack([-g_xi / w - g_w, g_in - g_h], 1)
-        gb = torch.stack([g_w, g_h], 1)
-        gamma = ga * csn[:, :, 0] + gb * csn[:, :, 1]
-        j = torch.arange(K + 1, device=idx.device, dtype=idx.dtype).unsqueeze(-1)
+        g_lo = torch.stack([-gxw, g_in], 1)  # a + b
+        gb = torch.stack([-gw_neg, g_h], 1)
+        gamma = (g_lo - gb) * csn[:, :, 0] + gb * csn[:, :, 1]
+        j = _constants(fam, gt)[1]
         at_k = (j == idx.unsqueeze(1)).to(gt.dtype)  # (L, K+1, R)
         below_k = (j[:K] < idx.unsqueeze(1)).to(gt.dtype)
-        coef = torch.addcmul((-gamma * r).unsqueeze(2), below_k.unsqueeze(1), ((ga + gb) * r).unsqueeze(2))
+        coef = torch.addcmul((-gamma * r).unsqueeze(2), below_k.unsqueeze(1), (g_lo * r).unsqueeze(2))
         coef.addcmul_(at_k[:, :K].unsqueeze(1), (gb * r).unsqueeze(2))
         torch.mul(coef, e, out=gt[:, off:off + 2 * K].view(L, 2, K, R))
         # the two knot slopes of the bin, through softplus
-        gr0 = torch.ops.aten.softplus_backward(g_d0, r0 + cst, 1.0, 20.0)
-        gr1 = torch.ops.aten.softplus_backward(g_d1, r1 + cst, 1.0, 20.0)
-        g_raw = torch.mul(at_k, gr0.unsqueeze(1), out=gt[:, off + 2 * K:])
-        g_raw[:, 1:].addcmul_(at_k[:, :K], gr1.unsqueeze(1))  # knot k + 1
+        gr01 = torch.ops.aten.softplus_backward(g_d01, r01 + cst, 1.0, 20.0)
+        g_raw = torch.mul(at_k, gr01[:, :1], out=gt[:, off + 2 * K:])
+        g_raw[:, 1:].addcmul_(at_k[:, :K], gr01[:, 1:])  # knot k + 1
         if ctx.native:  # the layout params came in
             return gz.T.contiguous().view(z.shape), gt.permute(2, 0, 1).reshape(params.shape), None
         return gz.view(z.shape), gt[0].T.contiguous().view(params.shape), None
