@@ -254,7 +254,8 @@ def _constants_cached(bins: int, bound: float, min_width: float, dtype: torch.dt
 def _constants(fam: Spline, like: Tensor) -> tuple[Tensor, Tensor]:
     """The interior knots' offsets ``2 B m j - B`` ``(K-1, 1)`` and the bin numbers ``(K+1, 1)``
     (made once per dtype and device: two fewer kernels per call)."""
-    return _constants_cached(fam.bins, fam.bound, fam.min_width, like.dtype, like.device)
+    make = _constants_cached.__wrapped__ if torch.compiler.is_compiling() else _constants_cached
+    return make(fam.bins, fam.bound, fam.min_width, like.dtype, like.device)
 
 
 class _SplineForward(torch.autograd.Function):
