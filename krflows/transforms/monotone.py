@@ -151,8 +151,18 @@ class Spline(MonotoneFamily):
         for k in range(1, K):
             partial.append(partial[-1] + e[..., k])
         scale = (2 * B * (1 - K * self.min_width)) / partial[-1].unsqueeze(-1)
-        interior = torch.stack(partial[:-1], -1) * scale + _constants(self, e)[0].squeeze(-1) if K > 1 \
-            else e[..., :0]
+        if K == 1:
+            interior = e[..., :0]
+        elif torch.compiler.is_compiling():
+            # scaled before the running sum: the product (running sums) * scale would save the
+            # K - 1 running sums for backward (+7.5 MiB at B = 4096 for the benchmark's flow)
+            en = e[..., :-1] * scale
+            partial = [en[..., 0]]
+            for k in range(1, K - 1):
+                partial.append(partial[-1] + en[..., k])
+            interior = torch.stack(partial, -1) + _constants(self, e)[0].squeeze(-1)
+        else:
+            interior = torch.stack(partial[:-1], -1) * scale + _constants(self, e)[0].squeeze(-1)
         # The end knots are pinned to -B and B exactly (the formula gives them only up to
         # rounding, and an end knot at B + 2e-15 made forward and inverse evaluate the tail
         # slope at two different ξ slightly below 1, which in a steep bin compounded into
