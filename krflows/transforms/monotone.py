@@ -13,6 +13,7 @@ the flow start at the identity. Slopes are bounded below by ``min_slope``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -99,6 +100,11 @@ class Spline(MonotoneFamily):
     points through boolean masks (several copies and small kernels per call) and pins the
     boundary slopes to 1; this version evaluates every point with the same branch-free
     arithmetic. tests/test_transforms.py checks it against nflows' kernel inside the box.
+
+    Eager calls of :meth:`forward` (``z -> x``, the sampling and training direction) run one
+    autograd Function with a hand-written backward (``_SplineForward``: the plain operations
+    cost ~80 small kernels each way, see its docstring and benchmarks/README.md); under
+    torch.compile and for double backward the plain operations (:meth:`_forward_ops`) run.
     """
 
     def __init__(self, bins: int = 8, bound: float = 5.0, affine: bool = True,
@@ -122,32 +128,48 @@ class Spline(MonotoneFamily):
         return a.squeeze(-1), _positive(u.squeeze(-1), self.min_slope), rest
 
     def _table(self, params: Tensor) -> Tensor:
-        """Knot table ``(*, 3, K+1)``: rows ``z_k``, ``x_k`` and the *raw* slope parameters
-        (made positive only for the two knots of the bin a point falls in)."""
-        K, B, m = self.bins, self.bound, self.min_width
+        r"""Knot table ``(*, 3, K+1)``: rows ``z_k``, ``x_k`` and the *raw* slope parameters
+        (made positive only for the two knots of the bin a point falls in).
+
+        Knot ``j`` is :math:`-B + 2B\,(c\,C_j/S + m j)` with :math:`e = \exp(u - \max u)`,
+        :math:`C_j = \sum_{i<j} e_i`, :math:`S = C_K`, ``c = 1 - K m`` (softmaxed widths with a
+        floor ``m``). :class:`_SplineForward` computes the same numbers with the same operations
+        in a parameter-major layout, so eager forward, inverse and this table agree to the last
+        bits (ATen's vectorized and scalar loops may round ``exp`` differently).
+        """
+        K, B = self.bins, self.bound
         u, slopes = params.split([2 * K, K + 1], -1)
         u = u.unflatten(-1, (2, K))
         # softmax by hand: ATen's CPU softmax over a last dimension of 8 is about 4x slower
         # (measured 12.9 vs 3.8 ms at 4096 x 10 x 2 x 8, one thread). The shift is detached:
         # softmax does not depend on it, so its gradient is exactly zero anyway.
         e = torch.exp(u - u.amax(-1, keepdim=True).detach())
-        wh = e * ((1 - K * m) / e.sum(-1, keepdim=True)) + m
-        # Interior knots from the running sum of the first K-1 widths; the end knots are
-        # pinned to -B and B exactly (the full sum is 1 only up to rounding, and an end knot
-        # at B + 2e-15 made forward and inverse evaluate the tail slope at two different ξ
-        # slightly below 1, which in a steep bin compounded into nats of log-density error).
-        if torch.compiler.is_compiling():
-            # Unrolled running sum: the compiler fuses it with the softmax into one loop,
-            # while cumsum would be a separate library call (and its backward another one).
-            partial = [wh[..., 0]]
+        # Running sum by K - 1 additions in the working precision (ATen's cumsum accumulates
+        # floats in double, which would round differently from _SplineForward); the compiler
+        # fuses the additions with the softmax into one loop.
+        partial = [e[..., 0]]
+        for k in range(1, K):
+            partial.append(partial[-1] + e[..., k])
+        scale = (2 * B * (1 - K * self.min_width)) / partial[-1].unsqueeze(-1)
+        if K == 1:
+            interior = e[..., :0]
+        elif torch.compiler.is_compiling():
+            # scaled before the running sum: the product (running sums) * scale would save the
+            # K - 1 running sums for backward (+7.5 MiB at B = 4096 for the benchmark's flow)
+            en = e[..., :-1] * scale
+            partial = [en[..., 0]]
             for k in range(1, K - 1):
-                partial.append(partial[-1] + wh[..., k])
-            cum = torch.stack(partial, -1) if K > 1 else wh[..., :0]
-        else:  # eager: one cumsum kernel beats K small additions
-            cum = torch.cumsum(wh[..., :-1], -1)
-        edges = torch.zeros(K + 1, dtype=wh.dtype, device=wh.device)
+                partial.append(partial[-1] + en[..., k])
+            interior = torch.stack(partial, -1) + _constants(self, e)[0].squeeze(-1)
+        else:
+            interior = torch.stack(partial[:-1], -1) * scale + _constants(self, e)[0].squeeze(-1)
+        # The end knots are pinned to -B and B exactly (the formula gives them only up to
+        # rounding, and an end knot at B + 2e-15 made forward and inverse evaluate the tail
+        # slope at two different ξ slightly below 1, which in a steep bin compounded into
+        # nats of log-density error).
+        edges = torch.zeros(K + 1, dtype=e.dtype, device=e.device)
         edges[0], edges[-1] = -B, B
-        knots = F.pad(cum * (2 * B) - B, (1, 1)) + edges
+        knots = F.pad(interior, (1, 1)) + edges
         return torch.cat([knots, slopes.unsqueeze(-2)], -2)
 
     def _bin_ends(self, table: Tensor, row: int, v: Tensor) -> list[Tensor]:
@@ -161,6 +183,17 @@ class Spline(MonotoneFamily):
         return [z0, z1 - z0, x0, x1 - x0, _positive(d0, self.min_slope), _positive(d1, self.min_slope)]
 
     def forward(self, z, params):
+        if not torch.compiler.is_compiling():
+            # eager: one autograd Function with a hand-written backward (see _SplineForward)
+            if z.shape != params.shape[:-1]:
+                shape = torch.broadcast_shapes(z.shape, params.shape[:-1])
+                z, params = z.expand(shape), params.expand(*shape, self.n_params)
+            return _SplineForward.apply(z, params, self)
+        return self._forward_ops(z, params)
+
+    def _forward_ops(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """The forward map as plain tensor operations: what torch.compile traces, and the
+        reference (and double-backward path) of :class:`_SplineForward`."""
         shift, scale, params = self._split(params)
         x, log_d = self._spline(z, params)
         return shift + scale * x, log_d + torch.log(scale)
@@ -172,11 +205,11 @@ class Spline(MonotoneFamily):
 
     @staticmethod
     def _slope(xi, s, d0, d1):
-        """``dx/dz`` inside the bin, and the pieces the value needs."""
+        """``dx/dz`` inside the bin, and the pieces the value (and the derivative) need."""
         t = xi * (1 - xi)
         den = s + (d1 + d0 - 2 * s) * t
         num = d1 * xi * xi + 2 * s * t + d0 * (1 - xi) * (1 - xi)
-        return s * s * num / (den * den), t, den
+        return s * s * num / (den * den), t, den, num
 
     def _spline(self, z, params):
         B = self.bound
@@ -184,7 +217,7 @@ class Spline(MonotoneFamily):
         z0, w, x0, h, d0, d1 = self._bin_ends(self._table(params), 0, zc)
         s = h / w
         xi = ((zc - z0) / w).clamp(0, 1)
-        slope, t, den = self._slope(xi, s, d0, d1)
+        slope, t, den, _ = self._slope(xi, s, d0, d1)
         x = x0 + h * (s * xi * xi + d0 * t) / den
         # Outside the box: the line through the end knot (±B, ±B) with the tail's own slope
         # δ_0 or δ_K, taken directly (not the inside formula at ξ ≈ 0 or 1), so that forward
@@ -218,6 +251,202 @@ class Spline(MonotoneFamily):
         slope = torch.where(out, torch.where(above, d1, d0), slope)
         step = (v - vc) / slope if inverse else (v - vc) * slope
         return torch.where(out, vc + step, inside), torch.log(slope)
+
+
+@functools.lru_cache(maxsize=32)
+def _constants_cached(bins: int, bound: float, min_width: float, dtype: torch.dtype, device: torch.device
+                      ) -> tuple[Tensor, Tensor]:
+    j = torch.arange(1, bins, dtype=dtype, device=device)
+    return (j * (2 * bound * min_width) - bound).unsqueeze(-1), \
+        torch.arange(bins + 1, device=device).unsqueeze(-1)
+
+
+def _constants(fam: Spline, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The interior knots' offsets ``2 B m j - B`` ``(K-1, 1)`` and the bin numbers ``(K+1, 1)``
+    (made once per dtype and device: two fewer kernels per call)."""
+    make = _constants_cached.__wrapped__ if torch.compiler.is_compiling() else _constants_cached
+    return make(fam.bins, fam.bound, fam.min_width, like.dtype, like.device)
+
+
+class _SplineForward(torch.autograd.Function):
+    r"""``Spline.forward`` (``z -> x`` and ``log dx/dz``) as one autograd Function: the eager path.
+
+    Written by hand because eager PyTorch runs the spline as ~80 small kernels forward and as
+    many backward, most of them over the full parameter tensor ``(*, d, 3K+3)`` with a last
+    dimension of ``K = 8``, where ATen's kernels are slow (one thread, 4096 x 10 points:
+    ``amax`` 1.3 ms, ``sum`` 1.0 ms, compare-and-count 1.2 ms over the last dimension, against
+    0.04-0.2 ms over a leading one). Here every parameter is a contiguous row over the
+    points (a parameter-major ``(L, P, R)`` view: :class:`~krflows.nn.MaskedMLP` returns that
+    layout, any other conditioner's output is transposed once), the knots come from ``K - 1``
+    vector additions, one ``gather`` picks each point's bin, and the backward writes the
+    parameter gradient in closed form: for the softmaxed knots
+    :math:`z_j = -B + 2B(c\, C_j/S + m j)`, :math:`C_j = \sum_{i<j} e_i`, :math:`S = C_K`,
+    ``c = 1 - K m``,
+
+    .. math:: \frac{\partial L}{\partial u_i} = \frac{2Bc}{S} e_i
+              \Big([i<k]\,\bar z_k + [i \le k]\,\bar z_{k+1}
+              - \bar z_k \frac{C_k}{S} - \bar z_{k+1} \frac{C_{k+1}}{S}\Big)
+
+    (the same for the ``x`` knots), the two knot slopes through softplus' derivative, the
+    in-bin rational function and the tails by the chain rule. Forward values are those of the
+    plain path up to the last bits (same operations); gradients agree to rounding
+    (tests/test_spline_function.py, float64 ``gradcheck``). Saved for backward: the softmax
+    numerators ``e`` and per-point values, no copy of the parameters.
+
+    Double backward (``create_graph=True``) recomputes the plain operations
+    (:meth:`Spline._forward_ops`) from the saved inputs and differentiates them with autograd,
+    so higher derivatives are exact too, only not fast. torch.compile traces the plain
+    operations instead (inductor fuses them itself).
+    """
+
+    @staticmethod
+    def _layout(z: Tensor, params: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """``(pt, zt, native)``: parameters ``(L, P, R)`` with contiguous rows and points
+        ``(L, R)`` in the same order; ``native`` when ``pt`` is a view of ``params``."""
+        P = params.shape[-1]
+        if params.dim() >= 2:
+            d = params.shape[-2]
+            q = params.reshape(-1, d, P)
+            if q.data_ptr() == params.data_ptr() and q.permute(1, 2, 0).is_contiguous():
+                return q.permute(1, 2, 0), z.reshape(-1, d).T.contiguous(), True
+        return params.reshape(-1, P).T.contiguous().unsqueeze(0), z.reshape(1, -1), False
+
+    @staticmethod
+    def forward(ctx, z: Tensor, params: Tensor, fam: Spline) -> tuple[Tensor, Tensor]:
+        K, B, aff = fam.bins, fam.bound, fam.affine
+        pt, zt, native = _SplineForward._layout(z, params)
+        L, R = zt.shape
+        off = 2 if aff else 0
+        u = pt[:, off:off + 2 * K].view(L, 2, K, R)  # widths, heights
+        e = torch.sub(u, u.amax(2, keepdim=True)).exp_()
+        cs = e.new_empty(L, 2, K + 1, R)  # C_j = sum_{i<j} e_i, j = 0..K
+        cs[:, :, 0] = 0
+        cs[:, :, 1] = e[:, :, 0]
+        for k in range(1, K):
+            torch.add(cs[:, :, k], e[:, :, k], out=cs[:, :, k + 1])
+        S = cs[:, :, K]
+        knots = e.new_empty(L, 2, K + 1, R)
+        knots[:, :, 0], knots[:, :, K] = -B, B
+        r = (2 * B * (1 - K * fam.min_width)) / S  # dz_j / dC_j
+        if K > 1:
+            torch.mul(cs[:, :, 1:K], r.unsqueeze(2), out=knots[:, :, 1:K])
+            knots[:, :, 1:K] += _constants(fam, e)[0]
+        zc = zt.clamp(-B, B)
+        if K > 1:
+            idx = (zc.unsqueeze(1) >= knots[:, 0, 1:K]).sum(1)
+        else:
+            idx = torch.zeros(L, R, dtype=torch.long, device=z.device)
+        ends = torch.stack([idx, idx + 1], 1)  # (L, 2, R)
+        ends4 = ends.unsqueeze(1).expand(L, 2, 2, R)
+        ends_zx = knots.gather(2, ends4)  # (L, row, end, R)
+        wh = ends_zx[:, :, 1] - ends_zx[:, :, 0]
+        z0, x0, w, h = ends_zx[:, 0, 0], ends_zx[:, 1, 0], wh[:, 0], wh[:, 1]
+        r01 = pt[:, off + 2 * K:].gather(1, ends)  # the bin's two raw knot slopes
+        d01 = _positive(r01, fam.min_slope)
+        d0, d1 = d01[:, 0], d01[:, 1]
+        s = h / w
+        xi_raw = (zc - z0) / w
+        xi = xi_raw.clamp(0, 1)
+        slope, t, den, num = Spline._slope(xi, s, d0, d1)
+        n1 = s * xi * xi + d0 * t
+        x = x0 + h * n1 / den
+        # Spline._tails, inline to keep its masks
+        above, below = zt > zc, zt < zc
+        out = above | below
+        d_out = torch.where(above, d1, d0)
+        slope = torch.where(out, d_out, slope)
+        tail = zt - zc
+        x = torch.where(out, zc + tail * slope, x)
+        log_d = torch.log(slope)
+        if aff:
+            a, v = pt[:, 0], pt[:, 1]
+            sc = _positive(v, fam.min_slope)
+            X, Ld = a + sc * x, log_d + torch.log(sc)
+            v = v.clone()  # not a view: saving it would keep all of pt alive
+        else:
+            v = sc = None
+            X, Ld = x, log_d
+        ctx.fam, ctx.native = fam, native
+        ctx.save_for_backward(z, params, e, cs.gather(2, ends4) / S.unsqueeze(2), r, idx, r01, d01,
+                              s, xi, (xi_raw >= 0) & (xi_raw <= 1), t, den, num, n1, w, h,
+                              above, below, tail, d_out, x, v, sc)
+        if native:
+            return X.T.contiguous().view(z.shape), Ld.T.contiguous().view(z.shape)
+        return X.view(z.shape), Ld.view(z.shape)
+
+    @staticmethod
+    def backward(ctx, gX: Tensor | None, gL: Tensor | None):
+        fam = ctx.fam
+        (z, params, e, csn, r, idx, r01, d01, s, xi, xm, t, den, num, n1, w, h,
+         above, below, tail, d_out, x, v, sc) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain operations
+            with torch.enable_grad():
+                outs = fam._forward_ops(z, params)
+            pairs = [(o, g) for o, g in zip(outs, (gX, gL), strict=True) if g is not None]
+            wrt = [t for t, need in zip((z, params), ctx.needs_input_grad[:2], strict=True) if need]
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                             create_graph=True, allow_unused=True))
+            return *(next(grads) if need else None for need in ctx.needs_input_grad[:2]), None
+        K, aff = fam.bins, fam.affine
+        L, R = xi.shape
+        P = params.shape[-1]
+
+        def points(g: Tensor | None) -> Tensor:  # an output gradient in the (L, R) layout
+            if g is None:
+                return xi.new_zeros(L, R)
+            return g.reshape(R, L).T.contiguous() if ctx.native else g.reshape(L, R)
+
+        gX, gL = points(gX), points(gL)
+        off = 2 if aff else 0
+        gt = params.new_empty(L, P, R)  # the parameter gradient, parameter-major
+        cst = math.log(math.expm1(1.0 - fam.min_slope))  # _positive's offset
+        if aff:
+            gt[:, 0] = gX
+            gt[:, 1] = torch.ops.aten.softplus_backward(gX * x + gL / sc, v + cst, 1.0, 20.0)
+            gx = gX * sc
+        else:
+            gx = gX
+        # --- the bin's rational function x = x_0 + h n1 / den, log slope = log(s² num / den²)
+        out = above | below
+        inside = ~out
+        g_in, gl_in = gx * inside, gL * inside  # d/dx and d/d log slope of the in-bin formula
+        d0, d1 = d01[:, 0], d01[:, 1]
+        g_n1 = g_in * h / den
+        G = (g_n1 * n1 + 2 * gl_in) / den  # minus d/d den
+        g_num = gl_in / num
+        xi2, omx, u12 = xi * xi, 1 - xi, 1 - 2 * xi
+        g_s = g_n1 * xi2 - G * (1 - 2 * t) + 2 * (g_num * t + gl_in / s)
+        g_xi = (g_n1 * (2 * s * xi + d0 * u12) - G * (d1 + d0 - 2 * s) * u12
+                + 2 * g_num * (d1 * xi + s * u12 - d0 * omx)) * xm  # xm: ξ not clamped
+        # --- the tails: x = ±B + (z ∓ B) δ, log slope = log δ
+        g_out = (gx * tail + gL / d_out) * out
+        g_d01 = torch.stack([(g_n1 - G) * t + g_num * omx * omx + g_out * below,
+                             g_num * xi2 - G * t + g_out * above], 1)
+        gxw = g_xi / w
+        gz = torch.where(out, gx * d_out, gxw)
+        # --- knots: s = h / w, ξ = (z - z_0) / w, z_1 = z_0 + w, x_1 = x_0 + h
+        g_h = g_in * n1 / den + g_s / w
+        gw_neg = (g_s * s + g_xi * xi) / w  # minus d/dw
+        # per row (z knots, x knots): gradient on knot k (a) and knot k + 1 (b), then through
+        # the running sum and the softmax (formula in the class docstring). Masks are 0/1
+        # floats and the products addcmul: torch.where over (2, K, n) costs ~20 times a
+        # multiplication there (6.3 vs 0.09 ms at n = 40960, one thread).
+        g_lo = torch.stack([-gxw, g_in], 1)  # a + b
+        gb = torch.stack([-gw_neg, g_h], 1)
+        gamma = (g_lo - gb) * csn[:, :, 0] + gb * csn[:, :, 1]
+        j = _constants(fam, gt)[1]
+        at_k = (j == idx.unsqueeze(1)).to(gt.dtype)  # (L, K+1, R)
+        below_k = (j[:K] < idx.unsqueeze(1)).to(gt.dtype)
+        coef = torch.addcmul((-gamma * r).unsqueeze(2), below_k.unsqueeze(1), (g_lo * r).unsqueeze(2))
+        coef.addcmul_(at_k[:, :K].unsqueeze(1), (gb * r).unsqueeze(2))
+        torch.mul(coef, e, out=gt[:, off:off + 2 * K].view(L, 2, K, R))
+        # the two knot slopes of the bin, through softplus
+        gr01 = torch.ops.aten.softplus_backward(g_d01, r01 + cst, 1.0, 20.0)
+        g_raw = torch.mul(at_k, gr01[:, :1], out=gt[:, off + 2 * K:])
+        g_raw[:, 1:].addcmul_(at_k[:, :K], gr01[:, 1:])  # knot k + 1
+        if ctx.native:  # the layout params came in
+            return gz.T.contiguous().view(z.shape), gt.permute(2, 0, 1).reshape(params.shape), None
+        return gz.view(z.shape), gt[0].T.contiguous().view(params.shape), None
 
 
 class Bernstein(MonotoneFamily):
