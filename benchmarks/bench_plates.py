@@ -395,7 +395,7 @@ def main(argv=None) -> dict:
     y, sigma = make_data(args.J, args.seed)
     truth = oracle(y, sigma)
     results = []
-    for name in args.guides.split(","):
+    for name in [g for g in args.guides.split(",") if g]:
         r = fit_guide(name, y, sigma, args.steps, args.particles, args.lr, args.lr_final, args.seed)
         r.update(errors(r.pop("draws"), truth))
         results.append(r)

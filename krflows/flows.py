@@ -82,8 +82,10 @@ class _LowerAffineStage(TriangularTransform):
 
     def inverse_and_log_diag(self, x: Tensor) -> tuple[Tensor, Tensor]:
         s = self.stage
-        r = (x - s.shift).unsqueeze(-1)
-        z = torch.linalg.solve_triangular(s.tril(), r, upper=False).squeeze(-1)
+        # One solve with the points as right-hand-side columns (L Z^T = R^T): a batch of
+        # (d, 1) systems would broadcast L to (n, d, d) (100 GB at n = 1024, d = 5000).
+        r = (x - s.shift).reshape(-1, x.shape[-1])
+        z = torch.linalg.solve_triangular(s.tril(), r.mT, upper=False).mT.reshape(x.shape)
         return z, s.log_diag.expand(x.shape)
 
 
