@@ -314,11 +314,10 @@ def _reweighted_shares(modes, x: Tensor, log_w: Tensor) -> dict:
     ok = torch.isfinite(lw)
     if not bool(ok.any()):
         return {}
-    x, lw = x[ok], lw[ok]
-    flow = modes.mass(x)
-    w = torch.softmax(lw, 0)
-    share = modes.mass(x, lw)
-    onehot = torch.nn.functional.one_hot(modes.assign(x), len(modes)).double().to(w.device)
+    w = torch.softmax(lw[ok], 0)
+    # one assignment serves both shares and the standard error
+    onehot = torch.nn.functional.one_hot(modes.assign(x[ok]), len(modes)).double().to(w.device)
+    flow, share = onehot.mean(0), w @ onehot
     se = torch.sqrt(((w[:, None] * (onehot - share[None, :])) ** 2).sum(0))
     return {"found_mode_weights": flow.tolist(), "found_mode_weights_reweighted": share.tolist(),
             "found_mode_weights_se": se.tolist(), "found_mode_tv": float(0.5 * (flow - share).abs().sum())}
