@@ -17,8 +17,9 @@ on the tempered target ``p^beta0`` (wide: it spans the modes) and
 :func:`krflows.correct.find_modes` searches its inflated samples for local maxima (0.1-0.3 s).
 
 * One mode or none (banana, funnel, Gaussians): the affine stage is reset and the plain
-  ``β = 1`` warm-up and training follow, draw for draw the old default (the search ran on
-  a forked random stream); the cost is the tempered warm-up, ``warmup`` more affine steps.
+  ``β = 1`` warm-up and training follow (the search ran on a forked random stream), at the
+  learning rate 3e-3 (:data:`DEFAULT_LR`); the cost is the tempered warm-up, ``warmup``
+  more affine steps, each of which skips the layers while they are the identity.
 * Several modes: the affine stage starts at the mean and covariance of their Laplace
   mixture ``r`` (weights from the Laplace masses), and each joint step adds a *defensive*
   forward-KL term, ``-Σ w_i log q(x_i)`` on ``batch_size`` draws of ``r`` with truncated
@@ -32,7 +33,8 @@ B = 256, a plain callable, 3 seeds): 0.3/0.7 modes 8 sd apart, mode-weight TV 0.
 side 9 sd, TV 0.034-0.062 (``anneal=0.5`` 0.033-0.073); the same four on a line 9 sd apart,
 TV 0.076-0.0996 (``anneal=0.5`` 0.163-0.193; the mixture start with 200 forward-KL
 pre-training steps and reverse KL alone after them: up to 0.139); banana and funnel-10 ESS/N
-unchanged (0.940-0.995 and 0.934-0.948, bit-identical fits).
+unchanged by the search (0.940-0.995 and 0.934-0.948, bit-identical fits, at the learning rate
+1e-3 of the time; since then one-mode fits run at 3e-3: :data:`DEFAULT_LR`).
 
 Samples where the target's log density is ``-inf`` (zero density) are dropped and counted;
 a NaN is an error unless ``nan="zero"`` reads it as zero density (:mod:`krflows.importance`);
@@ -58,17 +60,27 @@ from krflows.targets import as_target
 from krflows.train import (
     adam,
     adam_cosine,
+    clipped_step,
     default_warmup,
     defensive_kl,
     defensive_weight,
-    finite_grads,
     temperature,
     warm_start,
     warm_up,
     warn_dropped,
 )
 
-__all__ = ["fit", "temperature", "warm_up", "warm_start", "adam"]
+__all__ = ["fit", "temperature", "warm_up", "warm_start", "adam", "DEFAULT_LR"]
+
+#: ``fit``'s learning rate when ``lr=None`` (the default), by what the start found. Measured
+#: (``KRFlow(d)`` defaults, 2000 steps, B = 256, ESS/N of 20 000 fresh draws, seeds 0/1/2, 1
+#: thread; benchmarks/RESULTS.md): with one mode 3e-3 against 1e-3, funnel-10 ESS/N
+#: 0.921/0.969/0.881 against 0.849/0.951/0.619, banana 0.983/0.994/0.992 against
+#: 0.908/0.988/0.955, and the ESS/N 0.8 mark reached sooner (benchmarks/RESULTS_ttq.md);
+#: with several modes 3e-3 lost a mode's share on one of three seeds (four modes: total
+#: variation 0.196 against 0.052-0.065 at 1e-3), so the mode-covering path keeps 1e-3.
+#: Forward KL (from samples) keeps the old 1e-3 (not measured).
+DEFAULT_LR = {"one mode": 3e-3, "modes": 1e-3, "forward_kl": 1e-3}
 
 
 def fit(
@@ -76,7 +88,7 @@ def fit(
     target,
     steps: int = 2000,
     batch_size: int = 256,
-    lr: float = 1e-3,
+    lr: float | None = None,
     *,
     objective: str = "reverse_kl",
     samples: Tensor | None = None,
@@ -99,7 +111,10 @@ def fit(
         target: a krflows target or any callable ``log_prob(x) -> (n,)``.
         steps: optimizer steps of the joint phase.
         batch_size: samples per step.
-        lr: Adam learning rate (cosine-decayed to ``lr / 20``).
+        lr: Adam learning rate (cosine-decayed to ``lr / 20``). Default: ``3e-3`` for reverse
+            KL after a start that found at most one mode; ``1e-3`` when it found several (the
+            defensive term's schedule is tuned at that rate) and for forward KL. See
+            :data:`DEFAULT_LR` for what was measured.
         objective: ``"reverse_kl"`` (from flow samples) or ``"forward_kl"`` (from ``samples``).
         samples: target samples ``(N, d)`` for ``"forward_kl"``.
         path_gradient: the sticking-the-landing reverse-KL estimator.
@@ -146,12 +161,15 @@ def fit(
     mixture = None
     if objective == "reverse_kl":
         mixture, history["warmup_loss"] = warm_start(
-            flow, target, warmup, batch_size, modes=modes, lr=lr, beta=temperature(0, steps, anneal, beta0),
-            beta0=beta0, nan=nan)
+            flow, target, warmup, batch_size, modes=modes, lr=DEFAULT_LR["modes"] if lr is None else lr,
+            beta=temperature(0, steps, anneal, beta0), beta0=beta0, nan=nan)
         history["modes"] = [0 if mixture is None else mixture.k]
+        if lr is None:
+            lr = DEFAULT_LR["one mode" if mixture is None else "modes"]
     elif flow.affine is not None and warmup > 0:
         # forward KL: the affine stage starts at the samples' moments (exact for a Gaussian)
         flow.initialize_gaussian(samples.mean(0), torch.cov(samples.T).reshape(flow.dim, flow.dim))
+    lr = DEFAULT_LR["forward_kl"] if lr is None else lr
     params = [p for p in flow.parameters() if p.requires_grad]
     opt, sched = adam_cosine(params, lr, steps, weight_decay)
     start, dropped, skipped, warned = time.perf_counter(), 0, 0, False
@@ -169,11 +187,8 @@ def fit(
             loss, log_w = forward_kl(flow, samples[idx]), None
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if finite_grads(params):
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            opt.step()
-        else:
-            grad_norm, skipped = math.nan, skipped + 1
+        grad_norm = clipped_step(opt, params, clip)
+        skipped += math.isnan(grad_norm)
         sched.step()
         if step % log_every == 0 or step == steps:
             if log_w is None:

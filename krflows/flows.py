@@ -266,6 +266,24 @@ class KRFlow(nn.Module):
         y, log_diag = self.triangular.call_and_log_diag(z)
         return y, self.base.log_prob(z) - log_diag.sum(-1), log_diag
 
+    def _affine_push(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_push` when every layer is the identity (:meth:`_layers_are_identity`): the
+        affine stage alone, the same map without the layers' passes (the warm-up's path)."""
+        y, log_diag = self.affine.as_transform().call_and_log_diag(z)
+        return y, self.base.log_prob(z) - log_diag.sum(-1), log_diag
+
+    def _conditioner_nets(self) -> list[nn.Module]:
+        """The networks whose zero output layer (``out``) makes each layer the identity."""
+        return list(self.conditioners)
+
+    @torch.no_grad()
+    def _layers_are_identity(self) -> bool:
+        """Whether every layer is exactly the identity map, as at initialisation: each
+        conditioner's output layer is zero, so its parameters are zero, and every family maps
+        zero parameters to the identity."""
+        return all(not net.out.weight.any() and (net.out.bias is None or not net.out.bias.any())
+                   for net in self._conditioner_nets())
+
     def _pull(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``z = T^{-1}(y)`` (flow order) and ``log q(y)``: the density hot path."""
         z, log_diag = self.triangular.inverse_and_log_diag(y)

@@ -310,6 +310,9 @@ class SparseKRFlow(KRFlow):
         if compile:
             self.compile()
 
+    def _conditioner_nets(self) -> list[nn.Module]:
+        return [net for layer in self.conditioners for net in (layer.glob, *layer.plates) if net is not None]
+
     @property
     def triangular(self) -> TriangularTransform:
         """The plate-sparse lower-triangular map ``z -> y`` in the flow's variable order."""

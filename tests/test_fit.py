@@ -6,6 +6,7 @@ import torch
 import krflows
 from krflows.exact import gaussian_kr_map
 from krflows.objectives import NonDifferentiableTargetError, NonFiniteTargetError, TrainingDivergedError
+from krflows.sparse import SparseKRFlow
 
 
 def _cov(d, seed=0):
@@ -205,3 +206,36 @@ def test_warm_up_trains_the_affine_stage_alone_and_restores_grad_flags():
     assert all(p.requires_grad for p in flow.parameters())
     assert all(torch.equal(v, flow.conditioners.state_dict()[k]) for k, v in layers.items())
     assert not torch.equal(shift, flow.affine.shift)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: krflows.KRFlow(3, order=[2, 0, 1]),
+    lambda: krflows.KRFlow(3, family="bernstein", layers=2, hidden=(16,)),
+    lambda: SparseKRFlow(2, [(4, 1)], layers=2, hidden=(16,)),
+])
+def test_warm_up_skips_identity_layers_exactly(make, monkeypatch):
+    # While the layers are the identity (a fresh flow), the warm-up samples through the affine
+    # stage alone. Oracle: the same warm-up through the full flow (the skip switched off) ends
+    # at the same affine stage, draw for draw, to rounding (float64).
+    from krflows.train import warm_up
+
+    torch.manual_seed(0)
+    fast = make().double()
+    d = fast.dim
+    cov = torch.eye(d).double() + 0.5 * torch.ones(d, d).double()
+    target = krflows.targets.Gaussian(torch.linspace(-2, 2, d).double(), cov)
+    slow = make().double()
+    slow.load_state_dict(fast.state_dict())
+    assert fast._layers_are_identity()
+    initial = [v.clone() for v in fast.affine.state_dict().values()]
+    torch.manual_seed(1)
+    warm_up(fast, target, steps=30)
+    monkeypatch.setattr(type(slow), "_layers_are_identity", lambda self: False)
+    torch.manual_seed(1)
+    warm_up(slow, target, steps=30)
+    for (k, a), b in zip(fast.affine.state_dict().items(), slow.affine.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-9), k
+    assert any(not torch.equal(a, b) for a, b in zip(fast.affine.state_dict().values(), initial, strict=True))
+    with torch.no_grad():  # one non-zero output weight: no longer the identity
+        fast._conditioner_nets()[-1].out.bias[0] = 0.1
+    assert not fast._layers_are_identity()

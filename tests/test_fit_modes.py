@@ -1,6 +1,8 @@
 """The mode-covering default of ``fit`` and ``KRFlowModule`` (tempered warm-up, mode search,
 Laplace-mixture start, decaying defensive forward-KL term), and that unimodal fits are unharmed."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -67,6 +69,8 @@ def test_a_given_mode_set_skips_the_search():
     assert defensive_weight(0, 10) == 1.0 and defensive_weight(10, 10) == 0.0
     history = krflows.fit(flow, target, steps=20, batch_size=64, modes=modes, log_every=10)
     assert history["modes"] == [4]
+    # several modes: the default learning rate is the mode-covering one (cosine from 1e-3)
+    assert history["lr"][0] == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 10 / 20))))
 
 
 def test_unimodal_targets_take_the_plain_path_and_reach_the_exact_kr_map():
@@ -92,7 +96,8 @@ def test_one_mode_means_the_old_default_draw_for_draw():
     for modes in ("search", None):
         torch.manual_seed(0)
         flows.append(krflows.KRFlow(2, layers=1, hidden=(8,)))
-        krflows.fit(flows[-1], target, steps=30, batch_size=64, modes=modes)
+        history = krflows.fit(flows[-1], target, steps=30, batch_size=64, modes=modes, log_every=30)
+        assert history["lr"] == [pytest.approx(3e-3 / 20)]  # one mode: 3e-3, cosine-decayed to lr / 20
     for a, b in zip(flows[0].parameters(), flows[1].parameters(), strict=True):
         assert torch.equal(a, b)
 
