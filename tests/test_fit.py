@@ -211,6 +211,8 @@ def test_warm_up_trains_the_affine_stage_alone_and_restores_grad_flags():
 @pytest.mark.parametrize("make", [
     lambda: krflows.KRFlow(3, order=[2, 0, 1]),
     lambda: krflows.KRFlow(3, family="bernstein", layers=2, hidden=(16,)),
+    lambda: krflows.KRFlow(3, family="affine", layers=2, hidden=(16,)),
+    lambda: krflows.KRFlow(3, family="integrated", layers=1, hidden=(16,)),
     lambda: SparseKRFlow(2, [(4, 1)], layers=2, hidden=(16,)),
 ])
 def test_warm_up_skips_identity_layers_exactly(make, monkeypatch):
