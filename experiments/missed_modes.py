@@ -285,7 +285,8 @@ def write_md(cells: dict, out: Path, smoke: bool, seconds: float | None, cfg: di
                    for c, t in truths.items()]
     text = ["# Missed modes: detection without a reference, and correction by `krflows.debias`\n",
             _common.environment(smoke, seconds), "",
-            f"Budget: `fit(KRFlow(d), log_p, steps={cfg['steps']}, batch_size={cfg['batch_size']}, lr=1e-3)`, "
+            f"Budget: `fit(KRFlow(d), log_p, steps={cfg['steps']}, batch_size={cfg['batch_size']}, "
+            "lr=1e-3)`, "
             "default (`modes=\"search\"`) and old (`modes=None`) paths, on a plain callable (a Pyro "
             f"potential for the Pyro models); `diagnose` and `debias` with n = {cfg['n']}, defaults "
             "otherwise. Targets and definitions: the script's docstring (`experiments/missed_modes.py`). "
