@@ -241,3 +241,18 @@ def test_warm_up_skips_identity_layers_exactly(make, monkeypatch):
     with torch.no_grad():  # one non-zero output weight: no longer the identity
         fast._conditioner_nets()[-1].out.bias[0] = 0.1
     assert not fast._layers_are_identity()
+
+
+def test_a_flow_that_blows_up_after_the_skipped_warm_up_is_blamed():
+    # The warm-up samples through the affine stage alone (a stand-in object); the flow must
+    # still be remembered as one on whose samples the target was finite, so that a later
+    # all-NaN batch blames the flow, not the target.
+    from krflows.train import warm_up
+
+    banana = krflows.targets.get_target("banana")
+    flow = krflows.KRFlow(2, layers=1, hidden=(8,))
+    warm_up(flow, banana, steps=2, batch_size=16)
+    with torch.no_grad():
+        flow.affine.log_diag.fill_(40.0)
+    with pytest.raises(TrainingDivergedError, match="earlier samples"):
+        krflows.objectives.reverse_kl(flow, banana, 16)
