@@ -54,8 +54,10 @@ def adam_cosine(params: list[Tensor], lr: float, steps: int, weight_decay: float
 
 
 def finite_grads(params) -> bool:
-    """Whether every gradient of ``params`` is finite (``None`` counts as finite)."""
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    """Whether every gradient of ``params`` is finite (``None`` counts as finite). One
+    host-device synchronization, not one per tensor (the Lightning module calls this every step)."""
+    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def clipped_step(opt: torch.optim.Optimizer, params: list[Tensor], clip: float) -> float:

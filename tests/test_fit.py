@@ -1,5 +1,7 @@
 """Training: the Gaussian oracle (pointwise KR map), quality budgets, non-finite targets."""
 
+import math
+
 import pytest
 import torch
 
@@ -256,3 +258,23 @@ def test_a_flow_that_blows_up_after_the_skipped_warm_up_is_blamed():
         flow.affine.log_diag.fill_(40.0)
     with pytest.raises(TrainingDivergedError, match="earlier samples"):
         krflows.objectives.reverse_kl(flow, banana, 16)
+
+
+def test_finite_grads_and_clipped_step():
+    from krflows.train import adam, clipped_step, finite_grads
+
+    a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    assert finite_grads([a, b])  # no gradient at all counts as finite
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), None
+    assert finite_grads([a, b, c])
+    opt = adam([a, b, c], lr=0.1)
+    assert clipped_step(opt, [a, b, c], 1.0) == pytest.approx(5.0)  # the norm before clipping
+    assert torch.allclose(a.grad, torch.tensor([0.6, 0.8, 0.0]))  # clipped to norm 1
+    before = a.detach().clone()
+    a.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert not finite_grads([a, b, c])
+    assert math.isnan(clipped_step(opt, [a, b, c], 1.0))  # skipped: the parameters stay
+    assert torch.equal(a.detach(), before)
+    a.grad = torch.full((3,), 1e30)  # finite, but the norm overflows float32: clipped and stepped
+    assert clipped_step(opt, [a, b, c], 1.0) == math.inf
+    assert torch.isfinite(a).all() and not torch.equal(a.detach(), before)
