@@ -164,12 +164,12 @@ def fit(
             flow, target, warmup, batch_size, modes=modes, lr=DEFAULT_LR["modes"] if lr is None else lr,
             beta=temperature(0, steps, anneal, beta0), beta0=beta0, nan=nan)
         history["modes"] = [0 if mixture is None else mixture.k]
-        if lr is None:
-            lr = DEFAULT_LR["one mode" if mixture is None else "modes"]
     elif flow.affine is not None and warmup > 0:
         # forward KL: the affine stage starts at the samples' moments (exact for a Gaussian)
         flow.initialize_gaussian(samples.mean(0), torch.cov(samples.T).reshape(flow.dim, flow.dim))
-    lr = DEFAULT_LR["forward_kl"] if lr is None else lr
+    if lr is None:
+        path = objective if objective == "forward_kl" else "one mode" if mixture is None else "modes"
+        lr = DEFAULT_LR[path]
     params = [p for p in flow.parameters() if p.requires_grad]
     opt, sched = adam_cosine(params, lr, steps, weight_decay)
     start, dropped, skipped, warned = time.perf_counter(), 0, 0, False

@@ -41,10 +41,14 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("mask", mask.to(self.weight.dtype))
         self.blocks = _prefix_blocks(mask, blocks)
 
+    def _blocked(self, rows: int) -> bool:
+        """Whether a batch of ``rows`` points uses the block products: compiled code has no
+        per-kernel overhead to amortize, so there blocks pay at every batch size."""
+        return bool(self.blocks) and (torch.compiler.is_compiling() or rows >= self.block_rows)
+
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight * self.mask
-        # compiled code has no per-kernel overhead to amortize: blocks pay at every batch size
-        if not self.blocks or not (torch.compiler.is_compiling() or x.shape[:-1].numel() >= self.block_rows):
+        if not self._blocked(x.shape[:-1].numel()):
             return F.linear(x, w, self.bias)
         bias = self.bias if self.bias is not None else w.new_zeros(w.shape[0])
         return torch.cat([F.linear(x[..., :p], w[r0:r1, :p], bias[r0:r1])
@@ -55,7 +59,7 @@ class MaskedLinear(nn.Linear):
         contiguously, at the cost of ``forward`` (the product with a transposed operand)."""
         w = self.weight * self.mask
         bias = (self.bias if self.bias is not None else w.new_zeros(w.shape[0])).unsqueeze(-1)
-        if not self.blocks or not (torch.compiler.is_compiling() or x.shape[0] >= self.block_rows):
+        if not self._blocked(x.shape[0]):
             return torch.addmm(bias, w, x.T)
         return torch.cat([torch.addmm(bias[r0:r1], w[r0:r1, :p], x[:, :p].T) for r0, r1, p in self.blocks])
 
