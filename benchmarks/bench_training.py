@@ -339,7 +339,7 @@ def check_triangular(name: str, s: Settings, seed: int) -> Check:
         with torch.no_grad():  # move off the (often exactly diagonal) initialisation
             for p in model.module.parameters():
                 p.add_(0.1 * torch.randn_like(p))
-        z = torch.randn(d)
+        z = torch.randn(d, device=s.device)
         jac = torch.autograd.functional.jacobian(lambda v: model.sample_map(v[None])[0], z)
         scale = float(jac.abs().max())
         upper, lower = float(jac.triu(1).abs().max()), float(jac.tril(-1).abs().max())

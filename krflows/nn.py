@@ -94,7 +94,13 @@ class SoftClamp(torch.autograd.Function):
         # in place on one fresh buffer: a new full-size tensor per elementwise step cost more
         # than the arithmetic (forward + backward 0.71 -> 0.26 ms at 270 x 512, 14.3 -> 6.3 ms
         # at 270 x 4096, one thread, loaded machine)
-        y = torch.mul(x, 2 / bound).sigmoid_().mul_(2 * bound).sub_(bound)
+        if torch.compiler.is_compiling():
+            # out of place: the compiler fuses the chain anyway, and torch < 2.13 traced the
+            # in-place chain into a saved y that zeroed every conditioner's gradient (seen with
+            # torch 2.11 on CPU and CUDA, tests/test_flows.py's compiled-gradient test)
+            y = torch.sigmoid(x * (2 / bound)) * (2 * bound) - bound
+        else:
+            y = torch.mul(x, 2 / bound).sigmoid_().mul_(2 * bound).sub_(bound)
         ctx.save_for_backward(y)
         ctx.bound = bound
         return y

@@ -9,6 +9,7 @@ device comparisons are then trivially equal, everything else is checked as on a 
 """
 
 import copy
+import math
 import os
 
 import lightning as L
@@ -17,6 +18,7 @@ import torch
 from conftest import FAMILY_NAMES, make_flow
 
 import krflows
+from krflows.callbacks import DiagnosticsReport, TrainingMetrics
 from krflows.lightning import KRFlowModule
 
 DEVICE = torch.device(os.environ.get("KRFLOWS_TEST_DEVICE", "cuda"))
@@ -97,18 +99,48 @@ class _Where(L.Callback):
         self.devices |= {p.device.type for p in pl_module.flow.parameters()}
 
 
-def test_lightning_trains_on_the_gpu():
+def test_lightning_trains_on_the_gpu(tmp_path):
+    """With the CLI's callbacks: its TensorBoard metrics (Pareto k of each logged batch) and the
+    closing bias report run on the device's tensors (a GPU `krflows fit` once crashed there)."""
     module = KRFlowModule(target="banana", layers=1, hidden=(8,), batch_size=64)
     before = [p.detach().clone() for p in module.flow.parameters()]
     where = _Where()
+    report = DiagnosticsReport(n_samples=2000, dirpath=str(tmp_path))
     trainer = L.Trainer(accelerator="gpu" if DEVICE.type == "cuda" else "cpu", devices=1, max_steps=3,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[where])
+                        logger=L.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[where, TrainingMetrics(), report])
     trainer.fit(module)
     assert trainer.global_step == 3 and where.devices == {DEVICE.type}
+    assert math.isfinite(trainer.logged_metrics["train/pareto_k"])
+    assert report.report is not None and 0 < report.report["ess"] <= 1
     after = [p.detach().cpu() for p in module.flow.parameters()]
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True)), "nothing was trained"
+
+
+def test_importance_diagnostics_on_device_match_the_cpu():
+    """Pareto k, PSIS, the weighted summary and the bias report take device tensors; the
+    oracle is the same weights on the CPU (and the target's known mode weights)."""
+    torch.manual_seed(0)
+    log_w = torch.distributions.StudentT(2.0).sample((4000,)).abs().log().double() * 3
+    smoothed, k = krflows.diagnostics.psis_smooth(log_w.to(DEVICE))
+    smoothed_cpu, k_cpu = krflows.diagnostics.psis_smooth(log_w)
+    assert smoothed.device.type == DEVICE.type and k == pytest.approx(k_cpu, abs=1e-12)
+    torch.testing.assert_close(smoothed.cpu(), smoothed_cpu)
+    assert krflows.diagnostics.pareto_k(log_w.to(DEVICE)) == pytest.approx(k_cpu, abs=1e-12)
+    x = torch.randn(4000, 2, dtype=torch.float64)
+    on_device = krflows.diagnostics.summary(x.to(DEVICE), log_w.to(DEVICE))
+    torch.testing.assert_close(on_device.mean.cpu(), krflows.diagnostics.summary(x, log_w).mean)
+
+    target = krflows.targets.Bimodal2D(separation=8, weights=(0.3, 0.7)).to(device=DEVICE)
+    torch.manual_seed(0)
+    flow = krflows.KRFlow(2, layers=1, hidden=(16,)).to(DEVICE)
+    krflows.fit(flow, target, steps=300, batch_size=256)
+    report = krflows.diagnose(flow, target, n=4000, seed=0)
+    assert report["n_modes_found"] == 2 and report["n_missed_modes"] == 0
+    torch.testing.assert_close(torch.tensor(report["mode_weights"]), torch.tensor([0.3, 0.7]),
+                               atol=0.08, rtol=0)
 
 
 def test_save_on_device_load_on_cpu(tmp_path):

@@ -53,7 +53,10 @@ def _tail_fit(log_w: Tensor) -> tuple[float, float, float, int] | None:
     where there are too few weights (``N < 20`` or fewer than 5 in the tail)."""
     from pyro.ops.stats import fit_generalized_pareto
 
-    log_w = torch.sort(log_w.detach().reshape(-1).double() - log_w.max().double())[0]
+    # on the CPU: a few thousand weights, and Pyro's fit builds its grid there (a CUDA tensor
+    # raised a device mismatch inside it)
+    log_w = log_w.detach().reshape(-1).double().cpu()
+    log_w = torch.sort(log_w - log_w.max())[0]
     n = log_w.numel()
     cut = -int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n)))) - 1
     if n < 20:
@@ -108,10 +111,10 @@ def psis_smooth(log_w: Tensor) -> tuple[Tensor, float]:
     k, sigma, cutoff, m = fit
     top = log_w.max()
     order = torch.argsort(log_w)[-m:]  # the tail, ascending
-    p = (torch.arange(1, m + 1, dtype=torch.float64) - 0.5) / m
+    p = (torch.arange(1, m + 1, dtype=torch.float64, device=log_w.device) - 0.5) / m
     q = -sigma * torch.log1p(-p) if abs(k) < 1e-12 else sigma / k * ((1 - p) ** (-k) - 1)
     smoothed = log_w.clone()
-    smoothed[order] = torch.minimum(torch.log(math.exp(cutoff) + q), torch.zeros(())) + top
+    smoothed[order] = torch.log(math.exp(cutoff) + q).clamp(max=0.0) + top
     return smoothed, k
 
 
