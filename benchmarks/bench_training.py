@@ -103,6 +103,8 @@ class Settings:
     memory_steps: int = 3
     memory_repeats: int = 5  # fresh subprocesses per library, interleaved; the median is reported
     seed: int = 0
+    log_prob: bool = True  # time log_prob (the inverse) and check it; --sample-only: not
+    dynamic: bool | None = None  # torch.compile's `dynamic` for every compiled library (--dynamic)
 
 
 # --quick: every code path, small sizes (smoke test only; the numbers mean nothing)
@@ -130,7 +132,7 @@ def build_krflows(d: int, s: Settings) -> Model:
 def build_krflows_compiled(d: int, s: Settings) -> Model:
     """The same flow with ``KRFlow.compile()``: sampling and log_prob through torch.compile."""
     model = build_krflows(d, s)
-    model.module.compile()
+    model.module.compile(dynamic=s.dynamic)
     return replace(model, name="krflows-compile")
 
 
@@ -140,7 +142,7 @@ def build_zuko_compiled(d: int, s: Settings) -> Model:
     fixed-point passes per layer) stays eager: compiling the unrolled passes took minutes."""
     model = build_zuko(d, s)
     flow = model.module
-    sample = torch.compile(lambda n: flow().rsample_and_log_prob((n,)))
+    sample = torch.compile(lambda n: flow().rsample_and_log_prob((n,)), dynamic=s.dynamic)
     return Model("zuko-compile", flow, sample, model.sample_map, model.log_prob)
 
 
@@ -259,7 +261,7 @@ CONSTRUCTION = {
 def build_krflows_cudagraphs(d: int, s: Settings) -> Model:
     """``flow.compile(mode="reduce-overhead")``: inductor plus CUDA graphs (CUDA only)."""
     model = build_krflows(d, s)
-    model.module.compile(mode="reduce-overhead")
+    model.module.compile(mode="reduce-overhead", dynamic=s.dynamic)
     return replace(model, name="krflows-compile-cg")
 
 
@@ -344,9 +346,11 @@ def check_triangular(name: str, s: Settings, seed: int) -> Check:
         scale = float(jac.abs().max())
         upper, lower = float(jac.triu(1).abs().max()), float(jac.tril(-1).abs().max())
         min_diag = float(jac.diagonal().min())
-        with torch.no_grad():
-            x, log_q = model.rsample_and_log_prob(256)
-            err = float((model.log_prob(x.clone()) - log_q).abs().max())
+        err = math.nan
+        if s.log_prob:
+            with torch.no_grad():
+                x, log_q = model.rsample_and_log_prob(256)
+                err = float((model.log_prob(x.clone()) - log_q).abs().max())
     except Exception as exc:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
         return Check(False, error=f"{type(exc).__name__}: {exc}")
     ok = upper <= 1e-6 * scale and min_diag > 0 and lower > 0 and math.isfinite(scale)
@@ -442,8 +446,10 @@ def time_training(libs: list[str], s: Settings, log) -> dict[tuple[str, int], fl
 
 def time_throughput(libs: list[str], s: Settings, log) -> dict[tuple[str, str, int], float]:
     """Samples per second of sampling (x and log q, one pass) and of log_prob at fresh points,
-    at each of ``s.throughput_batches``; keys ``(library, "sample" | "log_prob", batch)``."""
+    at each of ``s.throughput_batches``; keys ``(library, "sample" | "log_prob", batch)``
+    (sampling only where ``s.log_prob`` is false)."""
     out: dict[tuple[str, str, int], float] = {}
+    kinds = ("sample", "log_prob") if s.log_prob else ("sample",)
     models = {name: build(name, s.dim, s, s.seed) for name in libs}
     for n in s.throughput_batches:
         with torch.no_grad():
@@ -451,8 +457,7 @@ def time_throughput(libs: list[str], s: Settings, log) -> dict[tuple[str, str, i
             for name in libs:
                 cudagraph_step(models[name])
                 points[name] = models[name].rsample_and_log_prob(n)[0].clone()
-            times: dict[tuple[str, str], list[float]] = {(name, k): [] for name in libs
-                                                         for k in ("sample", "log_prob")}
+            times: dict[tuple[str, str], list[float]] = {(name, k): [] for name in libs for k in kinds}
             for r in range(s.throughput_reps + 1):  # the first repetition is a warm-up
                 k = r % len(libs)
                 for name in libs[k:] + libs[:k]:
@@ -463,16 +468,19 @@ def time_throughput(libs: list[str], s: Settings, log) -> dict[tuple[str, str, i
                     m.rsample_and_log_prob(n)
                     synchronize(s)
                     mid = time.perf_counter()
-                    cudagraph_step(m)
-                    m.log_prob(points[name].clone())  # a new tensor: no cached inverse to reuse
-                    synchronize(s)
+                    if s.log_prob:
+                        cudagraph_step(m)
+                        m.log_prob(points[name].clone())  # a new tensor: no cached inverse to reuse
+                        synchronize(s)
                     end = time.perf_counter()
                     if r:
                         times[name, "sample"].append(mid - start)
-                        times[name, "log_prob"].append(end - mid)
+                        if s.log_prob:
+                            times[name, "log_prob"].append(end - mid)
         for (name, kind), v in times.items():
             out[name, kind, n] = n / statistics.median(v)
-        log(f"  B={n}: " + ", ".join(f"{name} {out[name, 'sample', n]:.3g}/{out[name, 'log_prob', n]:.3g}"
+        log(f"  B={n}: " + ", ".join(f"{name} {out[name, 'sample', n]:.3g}/"
+                                     f"{out.get((name, 'log_prob', n), math.nan):.3g}"
                                      for name in libs) + " samples/s (sample/log_prob)")
     return out
 
@@ -726,8 +734,9 @@ def results_table(libs: list[str], s: Settings, params, timing, throughput, memo
     if throughput:
         for tb in s.throughput_batches:
             row(f"sample + log q, B={tb}, samples/s", {n: throughput.get((n, "sample", tb)) for n in libs})
-            row(f"log_prob at fresh x, B={tb}, samples/s",
-                {n: throughput.get((n, "log_prob", tb)) for n in libs})
+            if s.log_prob:
+                row(f"log_prob at fresh x, B={tb}, samples/s",
+                    {n: throughput.get((n, "log_prob", tb)) for n in libs})
     if saved:
         row(f"saved for backward in a train step, B={s.memory_batch}, MiB", {n: saved.get(n) for n in libs})
     if memory:
@@ -811,6 +820,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", metavar="B",
                    help="batch sizes of the timing and throughput sections (default: timing 512 4096, "
                         "throughput 4096; --quick: 64 512 and 512)")
+    p.add_argument("--sample-only", action="store_true",
+                   help="no log_prob (the inverse) in the checks and the throughput section: compiling "
+                        "it costs minutes on a cold machine (gpu_check.sh's compiled run)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="torch.compile every compiled library with dynamic=True: one compilation "
+                        "for all batch sizes instead of one static and one dynamic (gpu_check.sh)")
     p.add_argument("--memory-probe", metavar="LIB", help=argparse.SUPPRESS)
     p.add_argument("--memory-steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--memory-batch", type=int, help=argparse.SUPPRESS)
@@ -825,7 +840,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_default_dtype(torch.float32)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available to torch")
-    s = Settings(seed=args.seed, device=args.device)
+    s = Settings(seed=args.seed, device=args.device, log_prob=not args.sample_only,
+                 dynamic=True if args.dynamic else None)
     if args.quick:
         s = replace(s, **QUICK)
     if args.batches is not None:
@@ -851,10 +867,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device != "cuda" and set(libs) & set(CUDA_ONLY):
         raise SystemExit(f"{sorted(set(libs) & set(CUDA_ONLY))} need --device cuda (CUDA graphs)")
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     started = time.perf_counter()
+
+    def log(msg: str) -> None:  # elapsed seconds first: where a long run spends its time
+        print(f"[{time.perf_counter() - started:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
     info, vers = machine_info(args.threads, args.device), versions()
     log(f"triangularity of dT/dz (autograd, one point, d={s.dim}, perturbed parameters):")
     checks = {name: check_triangular(name, s, s.seed) for name in libs}
@@ -902,6 +919,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         lines += ["**`--quick` run: tiny settings for a smoke test; the numbers mean nothing.**", ""]
     lines += ["## Results", "", table, ""]
+    if s.dynamic:
+        lines += ["Compiled libraries: `torch.compile(..., dynamic=True)` (`--dynamic`), one "
+                  "compilation for every batch size.", ""]
     if floor:
         lines += ["### Conditioner-MLP floor", "",
                   f"`{FLOOR}`: krflows' own conditioners alone ({s.layers} `krflows.nn.MaskedMLP`, "
@@ -943,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
               "0.1·N(0, 1) noise to every parameter (so that an identity initialisation cannot pass "
               "trivially); pass = strictly-upper part 0 (below 1e-6 of max), positive diagonal, nonzero "
               "lower part. The log_prob column compares `log_prob(x)` (inverse direction) with the "
-              "one-pass `log q` on 256 samples of the perturbed flow.",
+              "one-pass `log q` on 256 samples of the perturbed flow"
+              + (" (nan: not measured, `--sample-only`)." if not s.log_prob else "."),
               "",
               checks_table(checks), "",
               "## Machine", ""]

@@ -247,8 +247,13 @@ class KRFlow(nn.Module):
         Compiled: sampling with ``log q`` (:meth:`rsample_and_log_prob`, :meth:`sample`, the
         training step) and, for families with an analytic inverse, :meth:`log_prob`. The
         compiler fuses the spline's many small elementwise operations (and their backward)
-        into a few loops, which roughly halves a CPU training step; the first call of each
-        batch shape pays the compilation (tens of seconds on CPU). Same numerics as eager
+        into a few loops, which roughly halves a CPU training step. Compilation is paid on first
+        use and once more at the second batch shape (a dynamic-shape graph, which then serves
+        every shape; ``dynamic=True`` compiles that one directly): sampling with its backward
+        takes tens of seconds, :meth:`log_prob` (the inverse's ``d`` passes per layer, unrolled)
+        minutes (``d = 10``, 4 layers, cold, on a busy 2-core CPU: 40 s for sampling, 110 s for
+        ``log_prob``, 144 s more at its second shape; inductor's on-disk cache makes later
+        processes much faster). Same numerics as eager
         up to float rounding. Graceful: if compilation or a compiled call fails where the
         eager code succeeds (no C++ compiler, an unsupported op), krflows warns once and
         stays eager. ``options`` go to :func:`torch.compile` (e.g. ``mode="reduce-overhead"``
