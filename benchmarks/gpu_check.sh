@@ -5,7 +5,7 @@
 # with it), written to benchmarks/RESULTS_gpu.md with the card's name. About 5 minutes on an H100.
 #
 #   bash benchmarks/gpu_check.sh                 # on a GPU machine, from the repository root
-#   bash benchmarks/gpu_check.sh --dry-run       # the same steps on the CPU, tiny budgets (~1 min)
+#   bash benchmarks/gpu_check.sh --dry-run       # the same steps on the CPU, tiny budgets (~3 min)
 #   bash benchmarks/gpu_check.sh --out PATH      # another report file
 #
 # Needs krflows[bench] installed (zuko, nflows) in the Python that $PYTHON names (default

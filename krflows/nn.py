@@ -95,7 +95,7 @@ class SoftClamp(torch.autograd.Function):
         # than the arithmetic (forward + backward 0.71 -> 0.26 ms at 270 x 512, 14.3 -> 6.3 ms
         # at 270 x 4096, one thread, loaded machine)
         if torch.compiler.is_compiling():
-            # out of place: the compiler fuses the chain anyway, and torch < 2.13 traced the
+            # out of place: the compiler fuses the chain anyway, and torch 2.11 (not 2.6, 2.13) traced the
             # in-place chain into a saved y that zeroed every conditioner's gradient (seen with
             # torch 2.11 on CPU and CUDA, tests/test_flows.py's compiled-gradient test)
             y = torch.sigmoid(x * (2 / bound)) * (2 * bound) - bound
