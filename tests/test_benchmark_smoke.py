@@ -57,3 +57,14 @@ def test_time_to_quality_smoke_writes_a_table_and_a_plot(tmp_path):
     assert all(("not reached" in c or " s** (" in c) for row in rows[:3] for c in row.split(" | ")[1:]), rows
     png = tmp_path / "time_to_quality.png"
     assert png.is_file() and 0 < png.stat().st_size < 300_000
+
+
+@pytest.mark.slow
+def test_profile_step_prints_a_row_per_library():
+    """``profile_step.py`` on the CPU (no kernels to count there): one row per library."""
+    pytest.importorskip("zuko")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--device", "cpu", "32"],
+                          check=True, timeout=300, capture_output=True, text=True)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 32 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["krflows", "zuko", "mlp-floor"]
+    assert all(float(row.split("|")[3]) > 0 for row in rows)  # wall ms/step
