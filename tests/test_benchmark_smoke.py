@@ -63,7 +63,8 @@ def test_time_to_quality_smoke_writes_a_table_and_a_plot(tmp_path):
 def test_profile_step_prints_a_row_per_library():
     """``profile_step.py`` on the CPU (no kernels to count there): one row per library."""
     pytest.importorskip("zuko")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--device", "cpu", "32"],
+    script = REPO / "benchmarks" / "profile_step.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "32"],
                           check=True, timeout=300, capture_output=True, text=True)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 32 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["krflows", "zuko", "mlp-floor"]
