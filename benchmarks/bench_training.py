@@ -468,15 +468,14 @@ def time_throughput(libs: list[str], s: Settings, log) -> dict[tuple[str, str, i
                     m.rsample_and_log_prob(n)
                     synchronize(s)
                     mid = time.perf_counter()
+                    if r:
+                        times[name, "sample"].append(mid - start)
                     if s.log_prob:
                         cudagraph_step(m)
                         m.log_prob(points[name].clone())  # a new tensor: no cached inverse to reuse
                         synchronize(s)
-                    end = time.perf_counter()
-                    if r:
-                        times[name, "sample"].append(mid - start)
-                        if s.log_prob:
-                            times[name, "log_prob"].append(end - mid)
+                        if r:
+                            times[name, "log_prob"].append(time.perf_counter() - mid)
         for (name, kind), v in times.items():
             out[name, kind, n] = n / statistics.median(v)
         log(f"  B={n}: " + ", ".join(f"{name} {out[name, 'sample', n]:.3g}/"
