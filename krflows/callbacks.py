@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from krflows.diagnostics import diagnose, ess, log_z_estimate, pareto_k, summary
+from krflows.flows import eagerly
 from krflows.importance import log_weights
 from krflows.plot import plot_samples
 
@@ -125,7 +126,7 @@ class SamplePlots(Callback):
         if writer is None or not trainer.is_global_zero:
             return
         self._last_step = step = _step(trainer)
-        with torch.no_grad():
+        with torch.no_grad(), eagerly(pl_module.flow):
             x, log_q = pl_module.flow.rsample_and_log_prob((self.n_samples,))
             weights = log_weights(pl_module.target, x, log_q, pl_module.hparams.nan)
         writer.add_image("samples", plot_samples(x, pl_module.target, self.pairs), step, dataformats="HWC")
@@ -183,7 +184,7 @@ class DiagnosticsReport(Callback):
 def _write_sites(pl_module, n: int, dirpath: str) -> list[str]:
     """``summary.md`` of ``n`` flow draws (:func:`krflows.summary`; per site for a Pyro
     potential, whose draws also go to ``samples.pt``, ``{site: (n, *shape)}``)."""
-    with torch.no_grad():
+    with torch.no_grad(), eagerly(pl_module.flow):
         x = pl_module.flow.sample((n,))
     table = summary(x, target=pl_module.target)
     paths = [os.path.join(dirpath, "summary.md")]

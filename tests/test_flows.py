@@ -275,6 +275,32 @@ def test_compiled_flow_survives_deepcopy_and_pickle(monkeypatch):
     assert set(root_finding._compiled) == {"push"}
 
 
+def test_eager_block_and_the_report_bypass_the_compiled_functions(monkeypatch):
+    """``flow.eager()`` (and so ``diagnose``, which would otherwise compile at every new batch
+    shape: minutes for log_prob at d = 10) calls no compiled function; after the block, the flow
+    is compiled again."""
+    calls = []
+
+    def counting_compile(fn, **options):
+        def compiled(*args):
+            calls.append(fn.__name__)
+            return fn(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    flow = randomized(krflows.KRFlow(2, layers=1, hidden=(8,)), std=0.3).compile()
+    with flow.eager():
+        x = flow.sample((5,))
+        flow.log_prob(x)
+        assert "compiled" not in repr(flow)
+    assert calls == []
+    report = krflows.diagnose(flow, krflows.targets.Gaussian(dim=2), n=500, seed=0)
+    assert calls == [] and report["ess"] > 0
+    flow.sample((5,))
+    flow.log_prob(x)
+    assert calls == ["_push", "_pull"] and "compiled" in repr(flow)
+
+
 @pytest.mark.parametrize("order", [None, [1, 0]])
 def test_transform_checks_its_input_like_log_prob(order):
     """Wrong width, dtype or a non-tensor at flow.transform / .inv: a ValueError naming what was expected."""

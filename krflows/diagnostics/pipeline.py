@@ -30,6 +30,7 @@ from krflows.diagnostics.weights import (
     rounding_level,
     self_normalized,
 )
+from krflows.flows import eagerly
 from krflows.importance import check_nan_policy, log_weights
 from krflows.targets import as_target
 
@@ -46,7 +47,8 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
     Draws ``n`` samples :math:`x_i \sim q` of the flow (in one pass, keeping ``z`` and the
     per-coordinate slopes) and, when the target has an exact sampler or ``reference`` is given,
     ``n_exact`` samples :math:`y_j \sim p`, at which ``log q`` is evaluated through the inverse.
-    Everything runs under :func:`torch.no_grad`.
+    Everything runs under :func:`torch.no_grad`, and a compiled flow eagerly (:meth:`KRFlow.eager
+    <krflows.KRFlow.eager>`).
 
     Entries of the :class:`~krflows.diagnostics.Report`, where they apply (``K`` modes, ``d``
     dimensions; the table :data:`~krflows.diagnostics.report.LAYOUT` declares them):
@@ -101,7 +103,9 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
     check_nan_policy(nan)
     target = as_target(target, dim=flow.dim)
     devices = [flow.device] if flow.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.no_grad():
+    # a compiled flow runs eagerly here: each new batch shape would cost a compilation (minutes
+    # for log_prob at d = 10) to save well under a second
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.no_grad(), eagerly(flow):
         if seed is not None:
             torch.manual_seed(seed)
         return _diagnose(flow, target, n, reference, functions or {}, seed, n_exact or n,
