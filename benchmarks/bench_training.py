@@ -684,7 +684,8 @@ def machine_info(threads: int, device: str = "cpu") -> dict[str, str]:
     return {"CPU": cpu, "cores": f"{cores} logical ({usable} usable by this process)",
             "torch threads": f"{threads} intra-op (torch.get_num_threads() = {torch.get_num_threads()})",
             "load average (1/5/15 min) at start": load,
-            "OS": platform.platform(), **gpu_info(device)}
+            "OS": platform.platform(),
+            "krflows' eager CPU spline": krflows.transforms._native.status(), **gpu_info(device)}
 
 
 def gpu_info(device: str) -> dict[str, str]:

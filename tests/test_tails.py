@@ -123,10 +123,14 @@ def test_spline_tails_are_one_line_in_both_directions(dtype):
     z_back, log_d_back = fam.inverse(x, params)
     eps = torch.finfo(dtype).eps
     assert (z_back - z).abs().max() <= 64 * eps * 50
-    assert torch.equal(log_d, log_d_back)  # the same slope, not two evaluations near ξ = 1
+    # the same slope, not two evaluations near ξ = 1 (which once differed by nats): equal up to the
+    # last bits of exp and log, which the eager CPU kernel (krflows/transforms/_spline.c) and
+    # torch's operations (the inverse) round differently
+    assert torch.allclose(log_d, log_d_back, rtol=4 * eps, atol=4 * eps)
     # the tail slope is the end knot's δ: softplus-parametrised slope at knot 0 or K
     c = math.log(math.expm1(1 - fam.min_slope))
     raw = torch.where(side < 0, params[:, 2 * fam.bins], params[:, -1])
-    assert torch.allclose(log_d, torch.log(fam.min_slope + torch.nn.functional.softplus(raw + c)))
+    want = torch.log(fam.min_slope + torch.nn.functional.softplus(raw + c))
+    assert torch.allclose(log_d, want, rtol=4 * eps, atol=4 * eps)
     # and the line passes through the end knot (±B, ±B)
     assert torch.allclose(x - side * 5.0, (z - side * 5.0) * log_d.exp(), atol=64 * eps * 50)

@@ -1,0 +1,159 @@
+"""The fused CPU spline kernel (``_spline.c``): built at first use, loaded with :mod:`ctypes`.
+
+Plain C without torch's headers compiles in about a second (a torch C++ extension takes a minute
+or more); the library is cached under ``$KRFLOWS_CACHE`` (default ``~/.cache/krflows``), keyed by
+the source, the compiler and the machine, and written atomically, so concurrent processes (DDP,
+pytest-xdist) share one build. Where no C compiler works (or ``KRFLOWS_NATIVE=0``),
+:func:`kernel` returns ``None`` and the spline runs as torch operations: same numbers up to
+rounding, only slower on small batches (:func:`status` says which, and why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("_spline.c")
+# no trapping math: lets the compiler evaluate both sides of a select, which the loops need to vectorize
+FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno",
+         "-fno-trapping-math"]
+
+#: whether :func:`kernel` may return the compiled kernel (``KRFLOWS_NATIVE=0`` turns it off)
+enabled = os.environ.get("KRFLOWS_NATIVE", "1") not in ("0", "false", "False", "")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_status = "not loaded yet"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *FLAGS, platform.machine(),
+                                    platform.system()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("KRFLOWS_CACHE") or
+                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "krflows")
+    path = cache / f"spline-{key}.so"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                 text=True, timeout=300)
+            if run.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {run.stderr.strip()[-500:]}")
+            os.replace(tmp, path)  # atomic: a concurrent build writes the same bytes
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(path))
+    for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        p, n = ctypes.c_void_p, ctypes.c_long
+        # K, B, min width, min slope, softplus offset, affine, threads
+        scalars = [ctypes.c_int, real, real, real, real, ctypes.c_int, ctypes.c_int]
+        fwd, bwd = getattr(lib, f"kr_spline_forward_{suffix}"), getattr(lib, f"kr_spline_backward_{suffix}")
+        fwd.argtypes, fwd.restype = [p, p, p, p, n, n, *scalars], ctypes.c_int
+        bwd.argtypes, bwd.restype = [p, p, p, p, p, p, n, n, *scalars], ctypes.c_int
+    lib.kr_set_openmp.argtypes, lib.kr_set_openmp.restype = [ctypes.c_void_p] * 3, None
+    _share_threads(lib)
+    return lib
+
+
+def _share_threads(lib: ctypes.CDLL) -> None:
+    """Hands the kernel the OpenMP runtime torch runs on (found among the loaded libraries), so
+    that it splits large calls over torch's own threads; without one it runs on one thread."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
+    except OSError:  # not Linux
+        return
+    for path in sorted(paths):
+        if os.path.basename(path).startswith(("libgomp", "libiomp5", "libomp")):
+            try:
+                omp = ctypes.CDLL(path)  # already loaded: the same instance torch uses
+                lib.kr_set_openmp(*(ctypes.cast(getattr(omp, name), ctypes.c_void_p) for name in
+                                    ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")))
+                return
+            except (OSError, AttributeError):
+                continue
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _status
+    with _lock:
+        if _status == "not loaded yet":
+            try:
+                _lib, _status = _build(), "compiled kernel"
+            except Exception as err:  # noqa: BLE001 - any failure means: use the torch operations
+                _status = f"torch operations ({type(err).__name__}: {err})"
+    return _lib
+
+
+def status() -> str:
+    """Which eager CPU spline runs: ``"compiled kernel"``, or ``"torch operations (why)"``."""
+    if not enabled:
+        return "torch operations (KRFLOWS_NATIVE=0)"
+    _load()
+    return _status
+
+
+def kernel(like: Tensor) -> ctypes.CDLL | None:
+    """The compiled library when it applies to tensors like ``like`` (CPU, float32 or float64)."""
+    if not enabled or like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
+        return None
+    return _lib if _status == "compiled kernel" else _load()
+
+
+def _args(fam) -> tuple:
+    cst = math.log(math.expm1(1.0 - fam.min_slope))
+    return fam.bins, fam.bound, fam.min_width, fam.min_slope, cst, int(fam.affine), torch.get_num_threads()
+
+
+def _suffix(t: Tensor) -> str:
+    return "f32" if t.dtype == torch.float32 else "f64"
+
+
+def forward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, fam) -> tuple[Tensor, Tensor]:
+    """``x`` and ``log dx/dz`` ``(L, R)`` from points ``zt (L, R)`` and parameters ``pt (L, P, R)``
+    (both contiguous)."""
+    L, R = zt.shape
+    if not (zt.is_contiguous() and pt.is_contiguous()):
+        raise ValueError("the spline kernel needs contiguous points and parameters")
+    X, Ld = torch.empty_like(zt), torch.empty_like(zt)
+    if getattr(lib, f"kr_spline_forward_{_suffix(zt)}")(
+            zt.data_ptr(), pt.data_ptr(), X.data_ptr(), Ld.data_ptr(), L, R, *_args(fam)):
+        raise MemoryError("krflows' spline kernel could not allocate its work buffer")
+    return X, Ld
+
+
+def backward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Tensor | None, fam
+             ) -> tuple[Tensor, Tensor]:
+    """The gradients of ``zt`` ``(L, R)`` and ``pt`` ``(L, P, R)`` from those of ``x`` and ``log dx/dz``
+    (``(L, R)`` contiguous, or ``None`` for zero)."""
+    L, R = zt.shape
+    if not all(t is None or t.is_contiguous() for t in (zt, pt, gX, gL)):
+        raise ValueError("the spline kernel needs contiguous points, parameters and gradients")
+    gz, gp = torch.empty_like(zt), torch.empty_like(pt)
+    if getattr(lib, f"kr_spline_backward_{_suffix(zt)}")(
+            zt.data_ptr(), pt.data_ptr(), None if gX is None else gX.data_ptr(),
+            None if gL is None else gL.data_ptr(), gz.data_ptr(), gp.data_ptr(), L, R, *_args(fam)):
+        raise MemoryError("krflows' spline kernel could not allocate its work buffer")
+    return gz, gp
