@@ -85,7 +85,8 @@ def _share_threads(lib: ctypes.CDLL) -> None:
             paths = {line.split()[-1] for line in f if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
     except OSError:  # not Linux
         return
-    for path in sorted(paths):
+    torch_dir = os.path.dirname(torch.__file__)
+    for path in sorted(paths, key=lambda p: not p.startswith(torch_dir)):  # torch's own first
         if os.path.basename(path).startswith(("libgomp", "libiomp5", "libomp")):
             try:
                 omp = ctypes.CDLL(path)  # already loaded: the same instance torch uses

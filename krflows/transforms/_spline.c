@@ -16,8 +16,8 @@
  *
  * Points are processed in chunks of CH as structure-of-arrays loops over the chunk, which the
  * compiler vectorizes (float: exp and log by the Cephes polynomials below, vectorizable, within
- * 2 ulp; double: libm). On x86-64 with GCC or clang the entry points are built for AVX2 and for the
- * baseline, picked at load time.
+ * 2 ulp; double: libm). On x86-64 Linux (glibc) the loops are built for AVX2 and for the baseline,
+ * picked at load time.
  */
 #ifndef KR_REAL
 
@@ -30,7 +30,8 @@
 #define KR_MAX_THREADS 64
 #define KR_PARALLEL_MIN 16384
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(KR_NO_CLONES)
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__)) \
+    && !defined(KR_NO_CLONES) /* target_clones needs glibc's ifunc */
 #define KR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define KR_CLONES
