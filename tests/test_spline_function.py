@@ -250,3 +250,17 @@ def test_strided_points_and_parameters(impl):
     ref = fam._forward_ops(wide[::2], p_col)
     for a, b in zip(got, ref, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["kernel"], indirect=True)
+def test_a_compiler_that_rejects_the_tuned_flags_builds_the_portable_kernel(monkeypatch, tmp_path, impl):
+    """-march=native and GCC's cost-model flag are not every compiler's: the portable flags follow."""
+    monkeypatch.setattr(_native, "_status", "not loaded yet")
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "FLAG_SETS", [["-fno-such-flag-krflows"], ["-O1"]])
+    monkeypatch.setenv("KRFLOWS_CACHE", str(tmp_path / "cache"))
+    fam, z, params = _case(n=20)
+    assert _native.kernel(z) is not None and _native.status() == "compiled kernel"
+    assert len(list((tmp_path / "cache").glob("spline-*.so"))) == 1
+    for a, b in zip(fam.forward(z, params), fam._forward_ops(z, params), strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

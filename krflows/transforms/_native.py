@@ -1,9 +1,9 @@
 """The fused CPU spline kernel (``_spline.c``): built at first use, loaded with :mod:`ctypes`.
 
-Plain C without torch's headers compiles in about a second (a torch C++ extension takes a minute
-or more); the library is cached under ``$KRFLOWS_CACHE`` (default ``~/.cache/krflows``), keyed by
-the source, the compiler and the machine, and written atomically, so concurrent processes (DDP,
-pytest-xdist) share one build. Where no C compiler works (or ``KRFLOWS_NATIVE=0``),
+Plain C without torch's headers compiles in a few seconds, once per machine (a torch C++ extension
+takes a minute or more); the library is cached under ``$KRFLOWS_CACHE`` (default
+``~/.cache/krflows``), keyed by the source, the compiler and the CPU, and written atomically, so
+concurrent processes (DDP, pytest-xdist) share one build. Where no C compiler works (or ``KRFLOWS_NATIVE=0``),
 :func:`kernel` returns ``None`` and the spline runs as torch operations: same numbers up to
 rounding, only slower on small batches (:func:`status` says which, and why).
 """
@@ -26,8 +26,11 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("_spline.c")
 # no trapping math: lets the compiler evaluate both sides of a select, which the loops need to vectorize
-FLAGS = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno",
-         "-fno-trapping-math"]
+COMMON = ["-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+# Tried in order. GCC, for this machine's instruction set: -O2 with the full vectorizer cost model
+# built in 2.6 s a kernel faster than -O3's (forward + backward 2.8 vs 3.2 ms at 10 x 4096 points,
+# one thread; -O3 took 3.9 s), and AVX-512 beat AVX2 by a third. Then any C compiler, portably.
+FLAG_SETS = [["-O2", "-fvect-cost-model=dynamic", "-march=native"], ["-O3"]]
 
 #: whether :func:`kernel` may return the compiled kernel (``KRFLOWS_NATIVE=0`` turns it off)
 enabled = os.environ.get("KRFLOWS_NATIVE", "1") not in ("0", "false", "False", "")
@@ -41,13 +44,24 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _machine() -> str:
+    """What ``-march=native`` depends on: the CPU's model and instruction-set flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(dict.fromkeys(lines))  # one of each (every core repeats them)
+    except OSError:
+        return platform.processor()
+
+
 def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *FLAGS, platform.machine(),
-                                    platform.system()]).encode()).hexdigest()[:16]
+    parts = [SOURCE.read_text(), cc, version, repr(FLAG_SETS), repr(COMMON), platform.machine(),
+             platform.system(), _machine()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("KRFLOWS_CACHE") or
                  Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "krflows")
     path = cache / f"spline-{key}.so"
@@ -56,10 +70,15 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
-                                 text=True, timeout=300)
-            if run.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {run.stderr.strip()[-500:]}")
+            errors = []
+            for flags in FLAG_SETS:
+                run = subprocess.run([cc, *flags, *COMMON, "-o", tmp, str(SOURCE), "-lm"],
+                                     capture_output=True, text=True, timeout=300)
+                if run.returncode == 0:
+                    break
+                errors.append(run.stderr.strip()[-300:])
+            else:
+                raise RuntimeError(f"{cc} failed: {' | '.join(errors)}")
             os.replace(tmp, path)  # atomic: a concurrent build writes the same bytes
         finally:
             if os.path.exists(tmp):

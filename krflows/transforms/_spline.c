@@ -16,8 +16,7 @@
  *
  * Points are processed in chunks of CH as structure-of-arrays loops over the chunk, which the
  * compiler vectorizes (float: exp and log by the Cephes polynomials below, vectorizable, within
- * 2 ulp; double: libm). On x86-64 Linux (glibc) the loops are built for AVX2 and for the baseline,
- * picked at load time.
+ * 2 ulp; double: libm), built for the machine it runs on (-march=native where the compiler takes it).
  */
 #ifndef KR_REAL
 
@@ -30,12 +29,6 @@
 #define KR_MAX_THREADS 64
 #define KR_PARALLEL_MIN 16384
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__)) \
-    && !defined(KR_NO_CLONES) /* target_clones needs glibc's ifunc */
-#define KR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define KR_CLONES
-#endif
 
 /* Threads: the OpenMP runtime torch runs its own parallel loops on (libgomp for the PyPI wheels),
  * handed over by address: a second thread pool would fight torch's, whose workers spin for a
@@ -260,7 +253,7 @@ typedef struct {
 #define job KR_NAME(job)
 
 /* z (L, R), params (L, P, R) -> X, logd (L, R) on points [rb, re). */
-KR_CLONES void KR_NAME(forward_range)(job *a) {
+void KR_NAME(forward_range)(job *a) {
     const long L = a->L, R = a->R;
     const int K = a->K, aff = a->aff, P = 3 * K + 1 + 2 * aff;
     real *e, *C, *kn;
@@ -294,7 +287,7 @@ KR_CLONES void KR_NAME(forward_range)(job *a) {
 
 /* The gradients of z (L, R) and params (L, P, R) on points [rb, re) from those of X and logd
  * (either may be NULL: zero). */
-KR_CLONES void KR_NAME(backward_range)(job *a) {
+void KR_NAME(backward_range)(job *a) {
     const long L = a->L, R = a->R;
     const int K = a->K, aff = a->aff, P = 3 * K + 1 + 2 * aff, off = aff ? 2 : 0;
     const real cst = a->cst;
