@@ -264,3 +264,90 @@ def test_a_compiler_that_rejects_the_tuned_flags_builds_the_portable_kernel(monk
     assert len(list((tmp_path / "cache").glob("spline-*.so"))) == 1
     for a, b in zip(fam.forward(z, params), fam._forward_ops(z, params), strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ---- the inverse (x -> z): the kernel's own Function against the plain operations ----------------
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_inverse_is_the_plain_inverse_and_the_forward_s_inverse(case, impl):
+    """Values: the plain inverse's (float64 to rounding) and a round trip through the forward;
+    gradients: autograd through the plain inverse, and ``gradcheck`` (finite differences)."""
+    fam, z, params = _case(**case)
+    with torch.no_grad():
+        x = fam.forward(z, params)[0]
+    x = x.detach().requires_grad_()
+    z_back, log_d = fam.inverse(x, params)
+    z_ref, log_d_ref = fam._inverse_ops(x, params)
+    assert torch.allclose(z_back, z_ref, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(log_d, log_d_ref, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(z_back, z, rtol=1e-8, atol=1e-8)
+    # gradients off the knots: a point exactly on a knot (the last four rows) can land its root at
+    # ξ = 1 + 1e-16, where the plain path's clamp zeroes dz/dx; the kernel's backward (the inverse
+    # function theorem) gives 1 / f'(z) there, the derivative of the C¹ map
+    if impl == "kernel":  # on the knots too: dz/dx = 1 / f'(z)
+        (dz_dx,) = torch.autograd.grad(fam.inverse(x, params)[0].sum(), x)
+        assert torch.allclose(dz_dx, torch.exp(-log_d_ref.detach()), rtol=1e-10)
+    x, params = x[:-4].detach().requires_grad_(), params[:-4].detach().requires_grad_()
+    z = z[:-4]
+    g = torch.Generator().manual_seed(7)
+    gz, gl = (torch.randn(z.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    for outs in ((0, 1), (0,), (1,)):  # both outputs, z alone, log f' alone
+        seeds = [(gz, gl)[k] for k in outs]
+        got = torch.autograd.grad([fam.inverse(x, params)[k] for k in outs], (x, params), seeds)
+        ref = torch.autograd.grad([fam._inverse_ops(x, params)[k] for k in outs], (x, params), seeds)
+        for a, b in zip(got, ref, strict=True):
+            assert (a - b).abs().max() <= 1e-9 * (b.abs().max() + 1), outs
+    # gradcheck away from the knots and the box's edges (kinks of log f')
+    keep = slice(4, 10)
+    assert gradcheck(fam.inverse, (x[keep].detach().requires_grad_(), params[keep].detach().requires_grad_()))
+
+
+def test_inverse_double_backward_is_exact(impl):
+    fam, z, params = _case(n=12, d=2)
+    with torch.no_grad():
+        x = fam.forward(z, params)[0][4:8]
+    inputs = (x.requires_grad_(), params[4:8].detach().requires_grad_())
+    assert gradgradcheck(fam.inverse, inputs, fast_mode=True)
+
+
+def test_inverse_in_float32_and_of_nan(impl):
+    """float32: as close to the float64 inverse as the plain path's float32 inverse (moderate
+    parameters: in bins squeezed to the floor both lose digits at different points); NaN stays NaN."""
+    fam = Spline(bins=8, bound=3.0)
+    g = torch.Generator().manual_seed(2)
+    params = torch.randn(400, 3, fam.n_params, generator=g, dtype=torch.float64) * 0.5
+    z = torch.randn(400, 3, generator=g, dtype=torch.float64) * 3
+    with torch.no_grad():
+        x = fam.forward(z, params)[0]
+        exact = fam._inverse_ops(x, params)
+        got = fam.inverse(x.float(), params.float())
+        ref = fam._inverse_ops(x.float(), params.float())
+        for a, b, e in zip(got, ref, exact, strict=True):
+            err, err_ref = ((v.double() - e).abs() / (e.abs() + 1) for v in (a, b))
+            assert err.max() <= 2 * err_ref.max() + 4 * torch.finfo(torch.float32).eps
+        x_nan = x.clone()
+        x_nan[5, 1] = float("nan")
+        z_nan, log_d_nan = fam.inverse(x_nan, params)
+        assert z_nan[5, 1].isnan() and z_nan.isnan().sum() == 1
+
+
+def test_flow_log_prob_and_its_gradient_match_the_plain_inverse(monkeypatch, impl):
+    """``KRFlow.log_prob`` (the inverse's d passes per layer) and the forward-KL gradient it gives."""
+    torch.manual_seed(0)
+    flow = krflows.KRFlow(4, layers=2, hidden=(16,)).double()
+    for p in flow.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(64, 4, dtype=torch.float64) * 2
+
+    def run():
+        flow.zero_grad()
+        log_q = flow.log_prob(x)
+        (-log_q.mean()).backward()
+        return log_q.detach(), [p.grad.clone() for p in flow.parameters()]
+
+    got = run()
+    monkeypatch.setattr(Spline, "inverse", lambda self, x, params, guess=None: self._inverse_ops(x, params))
+    ref = run()
+    assert torch.allclose(got[0], ref[0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(got[1], ref[1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)

@@ -88,8 +88,10 @@ def _build() -> ctypes.CDLL:
         p, n = ctypes.c_void_p, ctypes.c_long
         # K, B, min width, min slope, softplus offset, affine, threads
         scalars = [ctypes.c_int, real, real, real, real, ctypes.c_int, ctypes.c_int]
-        fwd, bwd = getattr(lib, f"kr_spline_forward_{suffix}"), getattr(lib, f"kr_spline_backward_{suffix}")
-        fwd.argtypes, fwd.restype = [p, p, p, p, n, n, *scalars], ctypes.c_int
+        for name in ("forward", "inverse"):
+            fn = getattr(lib, f"kr_spline_{name}_{suffix}")
+            fn.argtypes, fn.restype = [p, p, p, p, n, n, *scalars], ctypes.c_int
+        bwd = getattr(lib, f"kr_spline_backward_{suffix}")
         bwd.argtypes, bwd.restype = [p, p, p, p, p, p, n, n, *scalars], ctypes.c_int
     lib.kr_set_openmp.argtypes, lib.kr_set_openmp.restype = [ctypes.c_void_p] * 3, None
     _share_threads(lib)
@@ -151,14 +153,14 @@ def _suffix(t: Tensor) -> str:
     return "f32" if t.dtype == torch.float32 else "f64"
 
 
-def forward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, fam) -> tuple[Tensor, Tensor]:
+def forward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, fam, name: str = "forward") -> tuple[Tensor, Tensor]:
     """``x`` and ``log dx/dz`` ``(L, R)`` from points ``zt (L, R)`` and parameters ``pt (L, P, R)``
-    (both contiguous)."""
+    (both contiguous); with ``name="inverse"``, ``z`` and ``log dx/dz`` from points ``x``."""
     L, R = zt.shape
     if not (zt.is_contiguous() and pt.is_contiguous()):
         raise ValueError("the spline kernel needs contiguous points and parameters")
     X, Ld = torch.empty_like(zt), torch.empty_like(zt)
-    if getattr(lib, f"kr_spline_forward_{_suffix(zt)}")(
+    if getattr(lib, f"kr_spline_{name}_{_suffix(zt)}")(
             zt.data_ptr(), pt.data_ptr(), X.data_ptr(), Ld.data_ptr(), L, R, *_args(fam)):
         raise MemoryError("krflows' spline kernel could not allocate its work buffer")
     return X, Ld

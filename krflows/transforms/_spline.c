@@ -27,7 +27,7 @@
 
 #define CH 64
 #define KR_MAX_THREADS 64
-#define KR_PARALLEL_MIN 16384
+#define KR_PARALLEL_MIN 4096
 
 
 /* Threads: the OpenMP runtime torch runs its own parallel loops on (libgomp for the PyPI wheels),
@@ -136,12 +136,13 @@ KR_INLINE real KR_NAME(dsoftplus)(real y) {
     return y > 20 ? 1 : e / (e + 1);
 }
 
-/* The forward values of points r0 .. r0 + n - 1 of one row; params p; softmax numerators to
- * e (2 K CH), running sums to C and knots to kn (2 (K + 1) CH each). Every loop runs over the
- * points of the chunk, without branches or conditional loads, so that it vectorizes. */
-KR_INLINE void KR_NAME(eval)(const real *restrict z, const real *restrict p, long R, long r0, int n,
-                             int K, real B, real minw, real floor_, real cst, int aff,
-                             chunk *restrict c, real *restrict e, real *restrict C, real *restrict kn) {
+/* The bins of points r0 .. r0 + n - 1 of one row: v are the points in the coordinate of knot row
+ * `row` (0: z, forward; 1: x, inverse), clamped to the box into c->zc; params p; softmax
+ * numerators to e (2 K CH), running sums to C and knots to kn (2 (K + 1) CH each). Every loop runs
+ * over the points of the chunk, without branches or conditional loads, so that it vectorizes. */
+KR_INLINE void KR_NAME(bin)(const real *restrict v, int row, const real *restrict p, long R, long r0, int n,
+                            int K, real B, real minw, int aff, chunk *restrict c, real *restrict e,
+                            real *restrict C, real *restrict kn) {
     const int off = aff ? 2 : 0;
     const real span = 2 * B * (1 - K * minw);
     real mx[CH];
@@ -172,13 +173,14 @@ KR_INLINE void KR_NAME(eval)(const real *restrict z, const real *restrict p, lon
         }
     }
     const real *restrict Cz = C, *restrict Cx = C + (K + 1) * CH, *restrict kz = kn, *restrict kx = kn + (K + 1) * CH;
+    const real *restrict kv = row ? kx : kz;
     for (int i = 0; i < n; i++) {
-        real zi = z[i];
-        c->zc[i] = zi < -B ? -B : (zi > B ? B : zi); /* NaN stays NaN */
+        real vi = v[i];
+        c->zc[i] = vi < -B ? -B : (vi > B ? B : vi); /* NaN stays NaN */
         c->idx[i] = 0;
     }
-    for (int j = 1; j < K; j++) /* the bin: interior z knots at or below zc */
-        for (int i = 0; i < n; i++) c->idx[i] += c->zc[i] >= kz[j * CH + i] ? 1 : 0;
+    for (int j = 1; j < K; j++) /* the bin: interior knots at or below the clamped point */
+        for (int i = 0; i < n; i++) c->idx[i] += c->zc[i] >= kv[j * CH + i] ? 1 : 0;
     const real *restrict raw = p + (long)(off + 2 * K) * R + r0;
     for (int j = 0; j < K; j++) { /* pick the bin's two knots, running sums and raw slopes */
         const real *restrict ra = raw + j * R, *restrict rb = ra + R;
@@ -202,6 +204,13 @@ KR_INLINE void KR_NAME(eval)(const real *restrict z, const real *restrict p, lon
         c->cz0[i] /= Cz[K * CH + i], c->cz1[i] /= Cz[K * CH + i];
         c->cx0[i] /= Cx[K * CH + i], c->cx1[i] /= Cx[K * CH + i];
     }
+}
+
+/* The forward values of points r0 .. r0 + n - 1 of one row (buffers as for bin). */
+KR_INLINE void KR_NAME(eval)(const real *restrict z, const real *restrict p, long R, long r0, int n,
+                             int K, real B, real minw, real floor_, real cst, int aff,
+                             chunk *restrict c, real *restrict e, real *restrict C, real *restrict kn) {
+    KR_NAME(bin)(z, 0, p, R, r0, n, K, B, minw, aff, c, e, C, kn);
     for (int i = 0; i < n; i++) {
         real d0 = floor_ + KR_NAME(softplus)(c->raw0[i] + cst);
         real d1 = floor_ + KR_NAME(softplus)(c->raw1[i] + cst);
@@ -364,6 +373,63 @@ void KR_NAME(backward_range)(job *a) {
     free(c);
 }
 
+/* The inverse on points [rb, re): x (L, R) in a->z, params -> z in a->X and log dx/dz (at z) in
+ * a->logd; Spline.inverse's closed-form root of the bin's quadratic. */
+void KR_NAME(inverse_range)(job *a) {
+    const long L = a->L, R = a->R;
+    const int K = a->K, aff = a->aff, P = 3 * K + 1 + 2 * aff;
+    const real B = a->B, floor_ = a->floor_, cst = a->cst;
+    real *e, *C, *kn;
+    chunk *c = KR_NAME(work)(K, &e, &C, &kn);
+    if (!c) {
+        a->status = -1;
+        return;
+    }
+    real v[CH];
+    for (long l = 0; l < L; l++) {
+        const real *p = a->params + l * P * R;
+        for (long r0 = a->rb; r0 < a->re; r0 += CH) {
+            int n = a->re - r0 < CH ? (int)(a->re - r0) : CH;
+            const real *x = a->z + l * R + r0;
+            if (aff) { /* undo the affine part first: x' = (x - a) / s */
+                const real *ap = p + r0, *vp = p + R + r0;
+                for (int i = 0; i < n; i++) {
+                    c->sc[i] = floor_ + KR_NAME(softplus)(vp[i] + cst);
+                    v[i] = (x[i] - ap[i]) / c->sc[i];
+                }
+            } else {
+                for (int i = 0; i < n; i++) v[i] = x[i];
+            }
+            KR_NAME(bin)(v, 1, p, R, r0, n, K, B, a->minw, aff, c, e, C, kn);
+            real *Zo = a->X + l * R + r0, *Lo = a->logd + l * R + r0;
+            for (int i = 0; i < n; i++) {
+                real d0 = floor_ + KR_NAME(softplus)(c->raw0[i] + cst);
+                real d1 = floor_ + KR_NAME(softplus)(c->raw1[i] + cst);
+                real w = c->w[i], h = c->h[i], xc = c->zc[i];
+                real s = h / w;
+                real r = xc - c->x0[i];
+                real c1 = d1 + d0 - 2 * s;
+                real qa = h * (s - d0) + r * c1;
+                real qb = h * d0 - r * c1;
+                real disc = qb * qb + 4 * qa * s * r;
+                disc = disc < 0 ? 0 : disc;
+                real xi = (-2 * s * r) / (-qb - sqrt(disc));
+                xi = xi < 0 ? 0 : (xi > 1 ? 1 : xi);
+                real t = xi * (1 - xi);
+                real den = s + (d1 + d0 - 2 * s) * t;
+                real num = d1 * xi * xi + 2 * s * t + d0 * (1 - xi) * (1 - xi);
+                real slope = s * s * num / (den * den);
+                real vi = v[i];
+                int above = vi > xc, out = (vi > xc) | (vi < xc);
+                slope = out ? (above ? d1 : d0) : slope;
+                Zo[i] = out ? xc + (vi - xc) / slope : c->z0[i] + xi * w;
+                Lo[i] = KR_LOG(slope) + (aff ? KR_LOG(c->sc[i]) : 0);
+            }
+        }
+    }
+    free(c);
+}
+
 /* The threads of one call: job t goes to thread t mod (the team's size). */
 typedef struct {
     job *jobs;
@@ -409,6 +475,14 @@ int KR_NAME(kr_spline_forward)(const real *z, const real *params, real *X, real 
                                int K, real B, real minw, real floor_, real cst, int aff, int nthreads) {
     job a = {z, params, NULL, NULL, X, logd, NULL, NULL, L, R, 0, R, K, aff, 0, B, minw, floor_, cst};
     return KR_NAME(run)(&a, nthreads, KR_NAME(forward_range));
+}
+
+/* x (L, R), params (L, P, R) -> z, logd (L, R) with x = f(z), logd = log f'(z). Returns 0, or -1
+ * when out of memory. */
+int KR_NAME(kr_spline_inverse)(const real *x, const real *params, real *Z, real *logd, long L, long R,
+                               int K, real B, real minw, real floor_, real cst, int aff, int nthreads) {
+    job a = {x, params, NULL, NULL, Z, logd, NULL, NULL, L, R, 0, R, K, aff, 0, B, minw, floor_, cst};
+    return KR_NAME(run)(&a, nthreads, KR_NAME(inverse_range));
 }
 
 /* The gradients of z (L, R) and params (L, P, R) from those of X and logd (either may be NULL:

@@ -203,6 +203,16 @@ class Spline(MonotoneFamily):
         return shift + scale * x, log_d + torch.log(scale)
 
     def inverse(self, x, params, guess=None):
+        if not torch.compiler.is_compiling() and _native.kernel(x) is not None:
+            # eager CPU: the C kernel, with the backward of the inverse function theorem
+            if x.shape != params.shape[:-1]:
+                shape = torch.broadcast_shapes(x.shape, params.shape[:-1])
+                x, params = x.expand(shape), params.expand(*shape, self.n_params)
+            return _SplineInverse.apply(x, params, self)
+        return self._inverse_ops(x, params)
+
+    def _inverse_ops(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """The inverse as plain tensor operations (other devices, torch.compile, double backward)."""
         shift, scale, params = self._split(params)
         z, log_d = self._spline_inverse((x - shift) / scale, params)
         return z, log_d + torch.log(scale)
@@ -317,7 +327,7 @@ class _SplineForward(torch.autograd.Function):
         """``(pt, zt, native)``: parameters ``(L, P, R)`` with contiguous rows and points
         ``(L, R)`` in the same order; ``native`` when ``pt`` is a view of ``params``."""
         P = params.shape[-1]
-        if params.dim() >= 2:
+        if params.dim() >= 3:  # (*, d, P); not (n, P), whose rows are points, not coordinates
             d = params.shape[-2]
             q = params.reshape(-1, d, P)
             if q.data_ptr() == params.data_ptr() and q.permute(1, 2, 0).is_contiguous():
@@ -407,13 +417,7 @@ class _SplineForward(torch.autograd.Function):
         fam = ctx.fam
         z, params = ctx.saved_tensors[:2]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain operations
-            with torch.enable_grad():
-                outs = fam._forward_ops(z, params)
-            pairs = [(o, g) for o, g in zip(outs, (gX, gL), strict=True) if g is not None]
-            wrt = [t for t, need in zip((z, params), ctx.needs_input_grad[:2], strict=True) if need]
-            grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
-                                             create_graph=True, allow_unused=True))
-            return *(next(grads) if need else None for need in ctx.needs_input_grad[:2]), None
+            return _plain_grads(ctx, fam._forward_ops, z, params, gX, gL)
         L, R = ctx.points
 
         def points(g: Tensor | None) -> Tensor | None:  # an output gradient in the (L, R) layout
@@ -491,6 +495,72 @@ class _SplineForward(torch.autograd.Function):
         g_raw = torch.mul(at_k, gr01[:, :1], out=gt[:, off + 2 * K:])
         g_raw[:, 1:].addcmul_(at_k[:, :K], gr01[:, 1:])  # knot k + 1
         return gz, gt
+
+
+class _SplineInverse(torch.autograd.Function):
+    r"""``Spline.inverse`` (``x -> z`` and ``log dx/dz`` at ``z``) by the C kernel: the eager CPU path.
+
+    The backward needs no code of its own: with ``F`` the forward map (``x = F(z; θ)``,
+    ``ℓ = log F'(z; θ)``) and incoming gradients :math:`\bar z, \bar\ell`, the inverse function
+    theorem gives
+
+    .. math:: a = \frac{\bar z + \bar\ell\, \partial_z \ell}{F'(z)}, \qquad
+              \bar x = a, \qquad \bar\theta = \bar\ell\, \partial_\theta \ell - a\, \partial_\theta F,
+
+    two vector-Jacobian products of the forward kernel at the solution ``z`` (its backward with
+    output gradients ``(0, \bar\ell)``, then ``(-a, 0)``). Double backward differentiates the
+    plain operations (:meth:`Spline._inverse_ops`), as :class:`_SplineForward` does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, params: Tensor, fam: Spline) -> tuple[Tensor, Tensor]:
+        pt, xt, native = _SplineForward._layout(x, params)
+        xt, pt = xt.contiguous(), pt.contiguous()
+        Z, Ld = _native.forward(_native.kernel(xt), xt, pt, fam, "inverse")
+        ctx.fam, ctx.native, ctx.points = fam, native, tuple(xt.shape)
+        ctx.save_for_backward(x, params, Z, Ld, pt)
+        if native:
+            return Z.T.contiguous().view(x.shape), Ld.T.contiguous().view(x.shape)
+        return Z.view(x.shape), Ld.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, gZ: Tensor | None, gL: Tensor | None):
+        fam = ctx.fam
+        x, params, zt, lt, pt = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain operations
+            return _plain_grads(ctx, fam._inverse_ops, x, params, gZ, gL)
+        L, R = ctx.points
+
+        def points(g: Tensor | None) -> Tensor | None:
+            if g is None:
+                return None
+            return g.reshape(R, L).T.contiguous() if ctx.native else g.reshape(L, R).contiguous()
+
+        gZ, gL = points(gZ), points(gL)
+        lib = _native.kernel(zt)
+        if gL is not None:
+            gz_l, gt = _native.backward(lib, zt, pt, None, gL, fam)  # ℓ̄ ∂ℓ/∂z, ℓ̄ ∂ℓ/∂θ
+            a = gz_l if gZ is None else gz_l + gZ
+        else:
+            a, gt = gZ, None
+        a = a / lt.exp()
+        gt_x = _native.backward(lib, zt, pt, torch.neg(a), None, fam)[1]
+        gt = gt_x if gt is None else gt + gt_x
+        if ctx.native:
+            return a.T.contiguous().view(x.shape), gt.permute(2, 0, 1).reshape(params.shape), None
+        return a.view(x.shape), gt[0].T.contiguous().view(params.shape), None
+
+
+def _plain_grads(ctx, plain, v: Tensor, params: Tensor, *grads: Tensor | None):
+    """The input gradients of a Function by autograd through ``plain(v, params)`` with
+    ``create_graph=True``: the double-backward path of the spline's Functions."""
+    with torch.enable_grad():
+        outs = plain(v, params)
+    pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
+    wrt = [t for t, need in zip((v, params), ctx.needs_input_grad[:2], strict=True) if need]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                   create_graph=True, allow_unused=True))
+    return *(next(got) if need else None for need in ctx.needs_input_grad[:2]), None
 
 
 class Bernstein(MonotoneFamily):
