@@ -1,4 +1,5 @@
-"""The fused CPU spline kernel (``_spline.c``): built at first use, loaded with :mod:`ctypes`.
+"""The fused CPU spline kernels (``_spline.c``: forward, its backward, inverse): built at first use,
+loaded with :mod:`ctypes`.
 
 Plain C without torch's headers compiles in a few seconds, once per machine (a torch C++ extension
 takes a minute or more); the library is cached under ``$KRFLOWS_CACHE`` (default

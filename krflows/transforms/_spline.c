@@ -1,5 +1,6 @@
-/* The rational-quadratic spline of krflows.transforms.monotone.Spline, forward (z -> x, log dx/dz)
- * and its backward, fused into one pass over the points: the CPU kernel of _SplineForward.
+/* The rational-quadratic spline of krflows.transforms.monotone.Spline, forward (z -> x, log dx/dz),
+ * its backward and its inverse (x -> z), each fused into one pass over the points: the CPU kernels
+ * of _SplineForward and _SplineInverse.
  *
  * Written by hand because neither torch nor nflows has a fused CPU spline: eager torch runs it as
  * ~90 small kernels each way, whose dispatch dominates at small batches, and torch.compile costs

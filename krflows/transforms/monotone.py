@@ -107,8 +107,8 @@ class Spline(MonotoneFamily):
     cost ~80 small kernels each way, see its docstring and benchmarks/README.md); on the CPU
     (float32, float64) its forward and backward are each one fused C kernel, compiled at first
     use where a C compiler exists (:func:`krflows.transforms._native.status` says whether it
-    runs). Under torch.compile and for double backward the plain operations
-    (:meth:`_forward_ops`) run.
+    runs), and so is :meth:`inverse` (``_SplineInverse``). Under torch.compile and for double
+    backward the plain operations (:meth:`_forward_ops`, :meth:`_inverse_ops`) run.
     """
 
     def __init__(self, bins: int = 8, bound: float = 5.0, affine: bool = True,
