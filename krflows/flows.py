@@ -247,8 +247,11 @@ class KRFlow(nn.Module):
 
         Compiled: sampling with ``log q`` (:meth:`rsample_and_log_prob`, :meth:`sample`, the
         training step) and, for families with an analytic inverse, :meth:`log_prob`. The
-        compiler fuses the spline's many small elementwise operations (and their backward)
-        into a few loops, which roughly halves a CPU training step. Compilation is paid on first
+        compiler fuses the torch operations around the spline (and the spline's own, which eager
+        CPU code runs as fused C kernels instead). On the CPU that gains little since those
+        kernels (benchmarks/RESULTS.md, 2 threads: a training step 10.5 ms compiled vs 9.6 ms eager
+        at B = 512, 48 vs 55 ms at 4096); it pays on a GPU (with ``mode="reduce-overhead"``) and
+        for :meth:`log_prob` on large CPU batches. Compilation is paid on first
         use and once more at the second batch shape (a dynamic-shape graph, which then serves
         every shape; ``dynamic=True`` compiles that one directly): sampling with its backward
         takes tens of seconds, :meth:`log_prob` (the inverse's ``d`` passes per layer, unrolled)

@@ -313,8 +313,8 @@ class _SplineForward(torch.autograd.Function):
     backward recomputes the forward instead of saving it, so only the inputs are kept). The
     torch operations below are the fallback where no C compiler works (``KRFLOWS_NATIVE=0``
     forces them) and the path on other devices. At the benchmark's shapes (funnel-10, 4 layers,
-    2 threads, 2-core CPU) a training step took 9.9 ms at B = 512 and 50.5 ms at B = 4096 with the
-    kernel, 14.2 and 60.5 ms with the torch operations (benchmarks/RESULTS.md).
+    2 threads, 2-core CPU, both paths interleaved in one process) a training step took 8.2 ms at
+    B = 512 with the kernel and 13.2 ms with the torch operations (52 vs 68 ms at B = 4096).
 
     Double backward (``create_graph=True``) recomputes the plain operations
     (:meth:`Spline._forward_ops`) from the saved inputs and differentiates them with autograd,
