@@ -158,6 +158,8 @@ class MaskedMLP(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def _clamp(self, out: Tensor) -> Tensor:
+        if torch._C._are_functorch_transforms_active():  # torch.func cannot see into the Function
+            return self.bound * torch.tanh(out / self.bound)
         return SoftClamp.apply(out, self.bound)
 
     def forward(self, z: Tensor) -> Tensor:

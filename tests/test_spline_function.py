@@ -351,3 +351,17 @@ def test_flow_log_prob_and_its_gradient_match_the_plain_inverse(monkeypatch, imp
     assert torch.allclose(got[0], ref[0], rtol=1e-10, atol=1e-10)
     for a, b in zip(got[1], ref[1], strict=True):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_torch_func_transforms_see_the_plain_operations(impl):
+    """``torch.func.jacrev`` of sampling and of ``log_prob`` (a hand-written backward or a C kernel
+    is opaque to functorch): the plain operations run there, and agree with autograd's Jacobian."""
+    torch.manual_seed(0)
+    flow = krflows.KRFlow(3, layers=2, hidden=(8,)).double()
+    for p in flow.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, dtype=torch.float64)
+    for fn in (flow.log_prob, lambda v: flow.push(v)[0]):
+        got = torch.func.jacrev(fn)(x)
+        ref = torch.autograd.functional.jacobian(fn, x)
+        assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)

@@ -107,8 +107,9 @@ class Spline(MonotoneFamily):
     cost ~80 small kernels each way, see its docstring and benchmarks/README.md); on the CPU
     (float32, float64) its forward and backward are each one fused C kernel, compiled at first
     use where a C compiler exists (:func:`krflows.transforms._native.status` says whether it
-    runs), and so is :meth:`inverse` (``_SplineInverse``). Under torch.compile and for double
-    backward the plain operations (:meth:`_forward_ops`, :meth:`_inverse_ops`) run.
+    runs), and so is :meth:`inverse` (``_SplineInverse``). Under torch.compile, under torch.func
+    transforms and for double backward the plain operations (:meth:`_forward_ops`,
+    :meth:`_inverse_ops`) run.
     """
 
     def __init__(self, bins: int = 8, bound: float = 5.0, affine: bool = True,
@@ -187,7 +188,7 @@ class Spline(MonotoneFamily):
         return [z0, z1 - z0, x0, x1 - x0, _positive(d0, self.min_slope), _positive(d1, self.min_slope)]
 
     def forward(self, z, params):
-        if not torch.compiler.is_compiling():
+        if _eager_functions():
             # eager: one autograd Function with a hand-written backward (see _SplineForward)
             if z.shape != params.shape[:-1]:
                 shape = torch.broadcast_shapes(z.shape, params.shape[:-1])
@@ -203,7 +204,7 @@ class Spline(MonotoneFamily):
         return shift + scale * x, log_d + torch.log(scale)
 
     def inverse(self, x, params, guess=None):
-        if not torch.compiler.is_compiling() and _native.kernel(x) is not None:
+        if _eager_functions() and _native.kernel(x) is not None:
             # eager CPU: the C kernel, with the backward of the inverse function theorem
             if x.shape != params.shape[:-1]:
                 shape = torch.broadcast_shapes(x.shape, params.shape[:-1])
@@ -265,6 +266,13 @@ class Spline(MonotoneFamily):
         slope = torch.where(out, torch.where(above, d1, d0), slope)
         step = (v - vc) / slope if inverse else (v - vc) * slope
         return torch.where(out, vc + step, inside), torch.log(slope)
+
+
+def _eager_functions() -> bool:
+    """Whether the spline's autograd Functions may run: not under torch.compile (which traces the
+    plain operations) nor under torch.func transforms (``jacrev``, ``vmap``, ...), which cannot see
+    into a hand-written backward or a C kernel."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
 @functools.lru_cache(maxsize=32)
