@@ -29,8 +29,9 @@ SOURCE = Path(__file__).with_name("_spline.c")
 # no trapping math: lets the compiler evaluate both sides of a select, which the loops need to vectorize
 COMMON = ["-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 # Tried in order. GCC, for this machine's instruction set: -O2 with the full vectorizer cost model
-# built in 2.6 s a kernel faster than -O3's (forward + backward 2.8 vs 3.2 ms at 10 x 4096 points,
-# one thread; -O3 took 3.9 s), and AVX-512 beat AVX2 by a third. Then any C compiler, portably.
+# built in 2.6 s a kernel faster than -O3's (forward + backward at 10 x 4096 points, one thread:
+# 2.8 ms against 3.8-4.0 ms, and -O3 took 3.9 s), and AVX-512 beat AVX2 (3.8 vs 5.0 ms at -O3).
+# Then any C compiler, portably.
 FLAG_SETS = [["-O2", "-fvect-cost-model=dynamic", "-march=native"], ["-O3"]]
 
 #: whether :func:`kernel` may return the compiled kernel (``KRFLOWS_NATIVE=0`` turns it off)

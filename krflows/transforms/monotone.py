@@ -188,13 +188,16 @@ class Spline(MonotoneFamily):
         return [z0, z1 - z0, x0, x1 - x0, _positive(d0, self.min_slope), _positive(d1, self.min_slope)]
 
     def forward(self, z, params):
-        if _eager_functions():
-            # eager: one autograd Function with a hand-written backward (see _SplineForward)
-            if z.shape != params.shape[:-1]:
-                shape = torch.broadcast_shapes(z.shape, params.shape[:-1])
-                z, params = z.expand(shape), params.expand(*shape, self.n_params)
-            return _SplineForward.apply(z, params, self)
+        if _eager_functions():  # eager: one autograd Function with a hand-written backward
+            return self._apply(_SplineForward, z, params)
         return self._forward_ops(z, params)
+
+    def _apply(self, function: type[torch.autograd.Function], v: Tensor, params: Tensor):
+        """``function.apply(v, params, self)`` with ``v`` and ``params`` broadcast to one shape."""
+        if v.shape != params.shape[:-1]:
+            shape = torch.broadcast_shapes(v.shape, params.shape[:-1])
+            v, params = v.expand(shape), params.expand(*shape, self.n_params)
+        return function.apply(v, params, self)
 
     def _forward_ops(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """The forward map as plain tensor operations: what torch.compile traces, and the
@@ -206,10 +209,7 @@ class Spline(MonotoneFamily):
     def inverse(self, x, params, guess=None):
         if _eager_functions() and _native.kernel(x) is not None:
             # eager CPU: the C kernel, with the backward of the inverse function theorem
-            if x.shape != params.shape[:-1]:
-                shape = torch.broadcast_shapes(x.shape, params.shape[:-1])
-                x, params = x.expand(shape), params.expand(*shape, self.n_params)
-            return _SplineInverse.apply(x, params, self)
+            return self._apply(_SplineInverse, x, params)
         return self._inverse_ops(x, params)
 
     def _inverse_ops(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
