@@ -332,15 +332,34 @@ class _SplineForward(torch.autograd.Function):
 
     @staticmethod
     def _layout(z: Tensor, params: Tensor) -> tuple[Tensor, Tensor, bool]:
-        """``(pt, zt, native)``: parameters ``(L, P, R)`` with contiguous rows and points
-        ``(L, R)`` in the same order; ``native`` when ``pt`` is a view of ``params``."""
+        """``(pt, zt, native)``: parameters ``(L, P, R)`` and points ``(L, R)`` in the same order,
+        both contiguous (the C kernels read raw memory; ``z`` may be a strided column);
+        ``native`` when ``pt`` is a view of ``params``."""
         P = params.shape[-1]
         if params.dim() >= 3:  # (*, d, P); not (n, P), whose rows are points, not coordinates
             d = params.shape[-2]
             q = params.reshape(-1, d, P)
             if q.data_ptr() == params.data_ptr() and q.permute(1, 2, 0).is_contiguous():
                 return q.permute(1, 2, 0), z.reshape(-1, d).T.contiguous(), True
-        return params.reshape(-1, P).T.contiguous().unsqueeze(0), z.reshape(1, -1), False
+        return params.reshape(-1, P).T.contiguous().unsqueeze(0), z.reshape(1, -1).contiguous(), False
+
+    @staticmethod
+    def _points_in(ctx, g: Tensor | None) -> Tensor | None:
+        """An output gradient in the ``(L, R)`` layout (``None`` stays ``None``: zero)."""
+        if g is None:
+            return None
+        L, R = ctx.points
+        return g.reshape(R, L).T.contiguous() if ctx.native else g.reshape(L, R).contiguous()
+
+    @staticmethod
+    def _points_out(ctx, t: Tensor, shape: torch.Size) -> Tensor:
+        """``(L, R)`` values back in the points' own shape."""
+        return t.T.contiguous().view(shape) if ctx.native else t.view(shape)
+
+    @staticmethod
+    def _params_out(ctx, gt: Tensor, shape: torch.Size) -> Tensor:
+        """An ``(L, P, R)`` parameter gradient back in the layout the parameters came in."""
+        return gt.permute(2, 0, 1).reshape(shape) if ctx.native else gt[0].T.contiguous().view(shape)
 
     @staticmethod
     def forward(ctx, z: Tensor, params: Tensor, fam: Spline) -> tuple[Tensor, Tensor]:
@@ -349,14 +368,11 @@ class _SplineForward(torch.autograd.Function):
         lib = _native.kernel(zt)
         ctx.kernel = lib is not None
         if lib is not None:  # the fused C kernel (CPU): it recomputes what the backward needs
-            zt, pt = zt.contiguous(), pt.contiguous()  # it reads raw memory (z may be a strided column)
             X, Ld = _native.forward(lib, zt, pt, fam)
             ctx.save_for_backward(z, params, zt, pt)
         else:
             X, Ld = _SplineForward._forward_ops(ctx, z, params, pt, zt, fam)
-        if native:
-            return X.T.contiguous().view(z.shape), Ld.T.contiguous().view(z.shape)
-        return X.view(z.shape), Ld.view(z.shape)
+        return _SplineForward._points_out(ctx, X, z.shape), _SplineForward._points_out(ctx, Ld, z.shape)
 
     @staticmethod
     def _forward_ops(ctx, z: Tensor, params: Tensor, pt: Tensor, zt: Tensor, fam: Spline
@@ -426,22 +442,14 @@ class _SplineForward(torch.autograd.Function):
         z, params = ctx.saved_tensors[:2]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain operations
             return _plain_grads(ctx, fam._forward_ops, z, params, gX, gL)
-        L, R = ctx.points
-
-        def points(g: Tensor | None) -> Tensor | None:  # an output gradient in the (L, R) layout
-            if g is None:
-                return None
-            return g.reshape(R, L).T.contiguous() if ctx.native else g.reshape(L, R).contiguous()
-
-        gX, gL = points(gX), points(gL)
+        gX, gL = _SplineForward._points_in(ctx, gX), _SplineForward._points_in(ctx, gL)
         if ctx.kernel:
             zt, pt = ctx.saved_tensors[2:]
             gz, gt = _native.backward(_native.kernel(zt), zt, pt, gX, gL, fam)
         else:
             gz, gt = _SplineForward._backward_ops(ctx, gX, gL)
-        if ctx.native:  # the layout params came in
-            return gz.T.contiguous().view(z.shape), gt.permute(2, 0, 1).reshape(params.shape), None
-        return gz.view(z.shape), gt[0].T.contiguous().view(params.shape), None
+        layout = _SplineForward
+        return layout._points_out(ctx, gz, z.shape), layout._params_out(ctx, gt, params.shape), None
 
     @staticmethod
     def _backward_ops(ctx, gX: Tensor | None, gL: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -523,13 +531,10 @@ class _SplineInverse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, params: Tensor, fam: Spline) -> tuple[Tensor, Tensor]:
         pt, xt, native = _SplineForward._layout(x, params)
-        xt, pt = xt.contiguous(), pt.contiguous()
         Z, Ld = _native.forward(_native.kernel(xt), xt, pt, fam, "inverse")
         ctx.fam, ctx.native, ctx.points = fam, native, tuple(xt.shape)
         ctx.save_for_backward(x, params, Z, Ld, pt)
-        if native:
-            return Z.T.contiguous().view(x.shape), Ld.T.contiguous().view(x.shape)
-        return Z.view(x.shape), Ld.view(x.shape)
+        return _SplineForward._points_out(ctx, Z, x.shape), _SplineForward._points_out(ctx, Ld, x.shape)
 
     @staticmethod
     def backward(ctx, gZ: Tensor | None, gL: Tensor | None):
@@ -537,14 +542,7 @@ class _SplineInverse(torch.autograd.Function):
         x, params, zt, lt, pt = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain operations
             return _plain_grads(ctx, fam._inverse_ops, x, params, gZ, gL)
-        L, R = ctx.points
-
-        def points(g: Tensor | None) -> Tensor | None:
-            if g is None:
-                return None
-            return g.reshape(R, L).T.contiguous() if ctx.native else g.reshape(L, R).contiguous()
-
-        gZ, gL = points(gZ), points(gL)
+        gZ, gL = _SplineForward._points_in(ctx, gZ), _SplineForward._points_in(ctx, gL)
         lib = _native.kernel(zt)
         if gL is not None:
             gz_l, gt = _native.backward(lib, zt, pt, None, gL, fam)  # ℓ̄ ∂ℓ/∂z, ℓ̄ ∂ℓ/∂θ
@@ -554,9 +552,8 @@ class _SplineInverse(torch.autograd.Function):
         a = a / lt.exp()
         gt_x = _native.backward(lib, zt, pt, torch.neg(a), None, fam)[1]
         gt = gt_x if gt is None else gt + gt_x
-        if ctx.native:
-            return a.T.contiguous().view(x.shape), gt.permute(2, 0, 1).reshape(params.shape), None
-        return a.view(x.shape), gt[0].T.contiguous().view(params.shape), None
+        layout = _SplineForward
+        return layout._points_out(ctx, a, x.shape), layout._params_out(ctx, gt, params.shape), None
 
 
 def _plain_grads(ctx, plain, v: Tensor, params: Tensor, *grads: Tensor | None):
