@@ -70,7 +70,8 @@ CUDA_ONLY = ("krflows-compile-cg",)  # CUDA graphs (mode="reduce-overhead"): not
 RATIOS = (("krflows", "zuko"), ("krflows", "nflows"), ("krflows", "pyro"),
           ("krflows-compile", "zuko"), ("krflows-compile", "zuko-compile"),
           ("krflows-compile-cg", "zuko-compile"))
-FLOOR = "mlp-floor"  # the conditioner MLPs alone, timed with the libraries (see `build_floor`)
+FLOOR = "mlp-floor"  # the conditioner MLPs alone, timed with the libraries (see `FloorTrainer`)
+FLOOR_COMPILED = "mlp-floor-compile"  # the same under torch.compile: the floor of krflows-compile
 BIMODAL_WEIGHTS = (0.3, 0.7)
 # four unit-sd modes on the corners of a square of side 9 (neighbours 9 sd apart), as in
 # experiments/mode_covering_defaults.py (issue 11's four-mode goal: mode-weight TV <= 0.1)
@@ -285,21 +286,27 @@ class FloorTrainer:
     with no spline, doing what a training step does around them: draw ``z``, run the layers in
     sequence (``h <- h + sum_p params(h)[..., p]``, so each layer's input depends on the one
     before, as in the flow), backward, one Adam step. A step of any flow with these
-    conditioners costs at least this much.
+    conditioners costs at least this much. With ``compiled``, the layers and the loss run
+    through ``torch.compile`` (``FLOOR_COMPILED``): the floor of ``krflows-compile``, whose
+    compiler fuses the conditioners' bias, activation and clamp into few loops (eager code runs
+    each as its own kernel), so compare compiled code with this one.
     """
 
-    def __init__(self, s: Settings, batch: int):
+    def __init__(self, s: Settings, batch: int, compiled: bool = False):
         flow = build("krflows", s.dim, s, s.seed)
         self.nets = flow.module.conditioners
         self.batch, self.dim, self.device = batch, s.dim, torch.device(s.device)
         self.opt = torch.optim.Adam(self.nets.parameters(), lr=s.lr)
         self.nonfinite = 0
+        self.loss = torch.compile(self._loss, dynamic=s.dynamic) if compiled else self._loss
 
-    def step(self) -> None:
-        h = torch.randn(self.batch, self.dim, device=self.device)
+    def _loss(self, h: Tensor) -> Tensor:
         for net in self.nets:
             h = h + net(h).sum(-1)
-        loss = h.square().mean()
+        return h.square().mean()
+
+    def step(self) -> None:
+        loss = self.loss(torch.randn(self.batch, self.dim, device=self.device))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -422,6 +429,8 @@ def time_training(libs: list[str], s: Settings, log) -> dict[tuple[str, int], fl
         target = krflows.targets.Funnel(s.dim, device=s.device)
         makers = {name: partial(_trainer, name, s, target, batch) for name in libs}
         makers[FLOOR] = partial(FloorTrainer, s, batch)
+        if any(n.startswith("krflows-compile") for n in libs):
+            makers[FLOOR_COMPILED] = partial(FloorTrainer, s, batch, compiled=True)
         trainers = {name: t for name, make in makers.items()
                     if (t := _warmed_up(name, make, s, log)) is not None}
         names = list(trainers)
@@ -767,14 +776,16 @@ def results_table(libs: list[str], s: Settings, params, timing, throughput, memo
 
 
 def floor_table(libs: list[str], s: Settings, timing: dict[tuple[str, int], float]) -> str:
-    """The conditioner-MLP floor against krflows' step times, at each timing batch size."""
+    """The conditioner-MLP floors against krflows' step times, at each timing batch size: eager
+    krflows over the eager floor, compiled krflows over the compiled floor (like with like)."""
     flows = [n for n in ("krflows", "krflows-compile", "krflows-compile-cg") if n in libs]
-    head = ["B", f"{FLOOR} ms", *(c for n in flows for c in (f"{n} ms", f"{n} / floor"))]
+    floors = [FLOOR] + [FLOOR_COMPILED] * any(n != "krflows" for n in flows)
+    head = ["B", *(f"{f} ms" for f in floors), *(c for n in flows for c in (f"{n} ms", f"{n} / floor"))]
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for b in s.batches:
-        floor = timing.get((FLOOR, b))
-        cells = [str(b), _fmt(floor)]
+        cells = [str(b), *(_fmt(timing.get((f, b))) for f in floors)]
         for n in flows:
+            floor = timing.get((FLOOR if n == "krflows" else FLOOR_COMPILED, b))
             cells += [_fmt(timing.get((n, b))), _ratio(timing.get((n, b)), floor)]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -928,7 +939,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"hidden {s.hidden}, the shapes of the flow's layers, block products included), "
                   "no spline: draw z, run the layers in sequence (each layer's input depends on the "
                   "previous layer's output), backward, one Adam step; timed in the same interleaved "
-                  "rounds as the libraries. No step of a flow with these conditioners can be faster.",
+                  "rounds as the libraries. No step of a flow with these conditioners can be faster. "
+                  f"`{FLOOR_COMPILED}`: the same under `torch.compile`, the floor of the compiled "
+                  "variants (each `/ floor` ratio divides by the floor of its own kind).",
                   "", floor, ""]
     lines += [
               "Ratios are krflows (the matched architecture, same plain Adam loop as the peers) over "

@@ -23,6 +23,7 @@ from torch.distributions import ComposeTransform, Independent, Normal, Transform
 
 from krflows._checks import check_family_options, check_hidden, check_int, check_points, renamed_keyword
 from krflows.nn import MaskedMLP
+from krflows.transforms import _native
 from krflows.transforms.autoregressive import AutoregressiveTransform
 from krflows.transforms.base import ComposeTriangular, Permutation, TriangularTransform
 from krflows.transforms.interpolate import Interpolated
@@ -265,6 +266,7 @@ class KRFlow(nn.Module):
         compile only :meth:`forward`.
         """
         self._compile_options = dict(options)
+        _native.status()  # builds or loads the spline's C kernels now: traced code only reads that they exist
         self._compiled = {"push": torch.compile(self._push, **options)}
         if self.family.inverse_method == "analytic":
             self._compiled["pull"] = torch.compile(self._pull, **options)

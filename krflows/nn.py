@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from krflows.transforms import _native
+
 __all__ = ["MaskedLinear", "MaskedMLP", "SoftClamp"]
 
 
@@ -134,6 +136,11 @@ class MaskedMLP(nn.Module):
         torch.Size([5, 3, 2])
     """
 
+    #: under torch.compile, return the parameter-major layout of eager code when the spline's C
+    #: kernels will read it (set by :class:`~krflows.transforms.AutoregressiveTransform` from its
+    #: family's ``param_major``)
+    param_major: bool = False
+
     def __init__(self, dim: int, n_params: int, hidden: Sequence[int] = (64, 64),
                  activation: type[nn.Module] = nn.SiLU, bound: float = 8.0):
         super().__init__()
@@ -168,9 +175,11 @@ class MaskedMLP(nn.Module):
         # eager kernel (krflows.transforms.monotone._SplineForward) works in, so that neither
         # its forward nor its backward transposes the full parameter tensor (0.9 ms each way
         # at 4096 x 10 x 27, one thread). Same values as the row-major product. Compiled code
-        # keeps the row-major product: inductor's fused spline loops run over points, and on
+        # keeps the row-major product unless ``param_major`` is set (by the layer, for a family
+        # that reads that layout: the spline, whose C kernels compiled code calls as custom
+        # operators on the CPU): inductor's own fused spline loops run over points, and on
         # parameter-major input they made a compiled step slower (12.3 -> 16.9 ms at B = 512).
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not (self.param_major and _native.available(z)):
             return self._clamp(self.out(self.hidden(z))).unflatten(-1, (self.dim, self.n_params))
         h = self.hidden(z.reshape(-1, self.dim))
         out = self._clamp(self.out.forward_t(h))

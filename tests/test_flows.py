@@ -220,10 +220,14 @@ def _draw(flow, seed, n=64):
 
 
 @pytest.mark.slow
-def test_compiled_flow_matches_eager(family="spline"):
+@pytest.mark.parametrize("native", [True, False], ids=["kernels", "traced"])
+def test_compiled_flow_matches_eager(monkeypatch, native, family="spline"):
     """``KRFlow.compile()``: same samples, densities and gradients as eager, up to rounding
     (oracle: the eager flow with the same weights and the same random numbers). float64, so
-    that the comparison is not blurred by float32 inverses at ill-conditioned points."""
+    that the comparison is not blurred by float32 inverses at ill-conditioned points. Both
+    compiled paths: the spline's C kernels as custom operators (the CPU's) and the traced
+    torch operations (other devices, or no C compiler)."""
+    monkeypatch.setattr(krflows.transforms._native, "enabled", native)
     eager = randomized(krflows.KRFlow(3, family=family, layers=2, hidden=(16,)), std=0.3).double()
     compiled = randomized(krflows.KRFlow(3, family=family, layers=2, hidden=(16,)), std=0.3).double()
     compiled.compile()

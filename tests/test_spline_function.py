@@ -9,6 +9,8 @@ width; parameters arrive both row-major (any conditioner) and parameter-major (w
 :class:`~krflows.nn.MaskedMLP` returns).
 """
 
+import copy
+
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
@@ -365,3 +367,81 @@ def test_torch_func_transforms_see_the_plain_operations(impl):
         got = torch.func.jacrev(fn)(x)
         ref = torch.autograd.functional.jacobian(fn, x)
         assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the kernels as custom operators
+# (what torch.compile calls on the CPU: krflows.transforms._native.spline_op)
+
+@pytest.mark.parametrize("impl", ["kernel"], indirect=True)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_operator_is_the_plain_path_forward_and_inverse(case, impl):
+    """``Spline._operator`` (the custom operator, called eagerly here) against the plain operations:
+    values to rounding, gradients of both outputs against autograd through the plain path and
+    against finite differences (``gradcheck``, off the knots)."""
+    fam, z, params = _case(**case)
+    with torch.no_grad():
+        x = fam._forward_ops(z, params)[0]
+    x = x.requires_grad_()
+    for inverse, v, plain in ((False, z, fam._forward_ops), (True, x, fam._inverse_ops)):
+        got, ref = fam._operator(v, params, inverse), plain(v, params)
+        for a, b in zip(got, ref, strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+        g = torch.Generator().manual_seed(3)
+        seeds = [torch.randn(v.shape, generator=g, dtype=v.dtype) for _ in range(2)]
+        keep = slice(4, -4)  # off the knots and the exact box edges (kinks of log f')
+        for outs in ((0, 1), (0,), (1,)):
+            a = torch.autograd.grad([got[k][keep] for k in outs], (v, params), [seeds[k][keep] for k in outs],
+                                    retain_graph=True)
+            b = torch.autograd.grad([ref[k][keep] for k in outs], (v, params), [seeds[k][keep] for k in outs],
+                                    retain_graph=True)
+            for ga, gb in zip(a, b, strict=True):
+                assert (ga - gb).abs().max() <= 1e-9 * (gb.abs().max() + 1), (inverse, outs)
+        vk, pk = v[4:9].detach().requires_grad_(), params[4:9].detach().requires_grad_()
+        assert gradcheck(lambda a, b: fam._operator(a, b, inverse), (vk, pk))  # noqa: B023
+
+
+@pytest.mark.parametrize("impl", ["kernel"], indirect=True)
+def test_operator_passes_torch_s_custom_op_checks(impl):
+    """``torch.library.opcheck``: schema, fake (meta) implementation, autograd registration and
+    the AOT dispatcher that torch.compile uses, for the forward and the inverse."""
+    fam, z, params = _case(n=8, d=2)
+    pt, zt = params.detach().permute(1, 2, 0).contiguous(), z.detach().T.contiguous()
+    spec = (fam.bins, fam.bound, fam.min_width, fam.min_slope, fam.affine)
+    for inverse in (False, True):
+        torch.library.opcheck(_native.spline_op, (zt.requires_grad_(), pt.requires_grad_(), *spec, inverse))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["kernel"], indirect=True)
+def test_compiled_flow_calls_the_kernels(monkeypatch, impl):
+    """Under ``flow.compile()`` on the CPU the spline is the C kernels (as custom operators), not
+    traced operations: one forward and one backward kernel call per layer and training step, one
+    inverse per coordinate and layer for ``log_prob``; values and gradients as the eager flow's."""
+    torch.manual_seed(0)
+    eager = krflows.KRFlow(3, layers=2, hidden=(8,))
+    for p in eager.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    compiled = copy.deepcopy(eager).compile(dynamic=False)
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(_native, name)
+        monkeypatch.setattr(_native, name, lambda *a, _f=real, _n=name, **k: calls.append(
+            a[4] if _n == "forward" and len(a) > 4 else _n) or _f(*a, **k))
+
+    def step(flow):
+        torch.manual_seed(1)
+        x, log_q = flow.rsample_and_log_prob((32,))
+        grads = torch.autograd.grad((x.square().sum(-1) + log_q).mean(), list(flow.parameters()))
+        return x.detach(), log_q.detach(), grads
+
+    ref = step(eager)
+    calls.clear()
+    got = step(compiled)
+    assert calls.count("forward") + calls.count("inverse") == 2 and calls.count("backward") == 2, calls
+    for a, b in zip((*got[:2], *got[2]), (*ref[:2], *ref[2]), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    log_q = compiled.log_prob(ref[0])
+    assert calls.count("inverse") == 2 * 3, calls  # 3 coordinates, 2 layers
+    with eager.eager():
+        assert torch.allclose(log_q, eager.log_prob(ref[0]), rtol=1e-5, atol=1e-5)

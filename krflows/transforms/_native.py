@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -139,6 +140,13 @@ def status() -> str:
     return _status
 
 
+def available(like: Tensor) -> bool:
+    """Whether :func:`kernel` applies to tensors like ``like`` and is loaded already; never loads
+    it (reads two globals: safe to call while torch.compile traces)."""
+    return enabled and _status == "compiled kernel" and like.device.type == "cpu" and \
+        like.dtype in (torch.float32, torch.float64)
+
+
 def kernel(like: Tensor) -> ctypes.CDLL | None:
     """The compiled library when it applies to tensors like ``like`` (CPU, float32 or float64)."""
     if not enabled or like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
@@ -181,3 +189,64 @@ def backward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Te
             None if gL is None else gL.data_ptr(), gz.data_ptr(), gp.data_ptr(), L, R, *_args(fam)):
         raise MemoryError("krflows' spline kernel could not allocate its work buffer")
     return gz, gp
+
+
+# ---------------------------------------------------------------- for torch.compile
+# The kernels as torch custom operators: opaque to the compiler, which fuses the conditioner's
+# operations around them instead of tracing the spline's ~90 operations each way (a compiled
+# training step at B = 4096, funnel-10, 2 threads: see benchmarks/RESULTS.md). Arguments are the
+# spline's hyper-parameters as scalars (an operator cannot take the family object).
+
+_Spec = namedtuple("_Spec", "bins bound min_width min_slope affine")
+
+
+@torch.library.custom_op("krflows::spline", mutates_args=())
+def spline_op(vt: Tensor, pt: Tensor, bins: int, bound: float, min_width: float, min_slope: float,
+              affine: bool, inverse: bool) -> tuple[Tensor, Tensor]:
+    """:func:`forward` (or the inverse) of points ``vt (L, R)`` and parameters ``pt (L, P, R)``."""
+    spec = _Spec(bins, bound, min_width, min_slope, affine)
+    vt = vt.contiguous()
+    return forward(kernel(vt), vt, pt.contiguous(), spec, "inverse" if inverse else "forward")
+
+
+@spline_op.register_fake
+def _(vt, pt, bins, bound, min_width, min_slope, affine, inverse):
+    return vt.new_empty(vt.shape), vt.new_empty(vt.shape)
+
+
+@torch.library.custom_op("krflows::spline_backward", mutates_args=())
+def spline_backward_op(zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Tensor | None, bins: int,
+                       bound: float, min_width: float, min_slope: float, affine: bool
+                       ) -> tuple[Tensor, Tensor]:
+    """:func:`backward`: the gradients of ``zt`` and ``pt`` from those of ``x`` and ``log dx/dz``."""
+    spec = _Spec(bins, bound, min_width, min_slope, affine)
+    zt = zt.contiguous()
+    gX, gL = (None if g is None else g.contiguous() for g in (gX, gL))
+    return backward(kernel(zt), zt, pt.contiguous(), gX, gL, spec)
+
+
+@spline_backward_op.register_fake
+def _(zt, pt, gX, gL, bins, bound, min_width, min_slope, affine):
+    return zt.new_empty(zt.shape), pt.new_empty(pt.shape)
+
+
+def _setup(ctx, inputs, output):
+    vt, pt, *spec, inverse = inputs
+    ctx.spec, ctx.inverse = spec, inverse
+    # forward: the backward recomputes from the inputs; inverse: it needs the solution z and log z'
+    ctx.save_for_backward(*((output[0], output[1], pt) if inverse else (vt, pt)))
+
+
+def _backward(ctx, gX: Tensor | None, gL: Tensor | None):
+    rest = (None,) * (len(ctx.spec) + 1)
+    if not ctx.inverse:
+        return *spline_backward_op(*ctx.saved_tensors, gX, gL, *ctx.spec), *rest
+    # inverse function theorem, as krflows.transforms.monotone._SplineInverse
+    zt, lt, pt = ctx.saved_tensors
+    gz_l, gp = spline_backward_op(zt, pt, None, gL, *ctx.spec) if gL is not None else (None, None)
+    a = (gX if gz_l is None else gz_l if gX is None else gz_l + gX) / lt.exp()
+    gp_x = spline_backward_op(zt, pt, -a, None, *ctx.spec)[1]
+    return a, gp_x if gp is None else gp + gp_x, *rest
+
+
+spline_op.register_autograd(_backward, setup_context=_setup)

@@ -36,6 +36,8 @@ class AutoregressiveTransform(TriangularTransform):
                  dim: int):
         super().__init__()
         self.conditioner, self.family, self.dim = conditioner, family, dim
+        if hasattr(conditioner, "param_major"):  # MaskedMLP: the layout compiled code returns
+            conditioner.param_major = family.param_major
 
     def expected_input(self) -> tuple[int | None, Tensor | None]:
         params = getattr(self.conditioner, "parameters", None)

@@ -41,6 +41,10 @@ class MonotoneFamily:
     n_params: int
     #: "analytic" or "root finding (bracketed Newton)"
     inverse_method: str = "analytic"
+    #: whether compiled code should hand this family its parameters parameter-major (contiguous
+    #: rows over the points, :class:`~krflows.nn.MaskedMLP`'s ``param_major``): the spline's C
+    #: kernels read that layout; traced families run faster on the row-major product
+    param_major: bool = False
 
     def forward(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """Returns ``x = f(z)`` and ``log f'(z)``; ``z`` is ``(*)``, ``params`` ``(*, P)``."""
@@ -107,8 +111,10 @@ class Spline(MonotoneFamily):
     cost ~80 small kernels each way, see its docstring and benchmarks/README.md); on the CPU
     (float32, float64) its forward and backward are each one fused C kernel, compiled at first
     use where a C compiler exists (:func:`krflows.transforms._native.status` says whether it
-    runs), and so is :meth:`inverse` (``_SplineInverse``). Under torch.compile, under torch.func
-    transforms and for double backward the plain operations (:meth:`_forward_ops`,
+    runs), and so is :meth:`inverse` (``_SplineInverse``). Under torch.compile on the CPU the same
+    kernels run as torch custom operators (:func:`krflows.transforms._native.spline_op`: the
+    compiler fuses only the code around them). Under torch.compile on other devices, under
+    torch.func transforms and for double backward the plain operations (:meth:`_forward_ops`,
     :meth:`_inverse_ops`) run.
     """
 
@@ -187,9 +193,13 @@ class Spline(MonotoneFamily):
         # Only two of the K+1 slopes are needed per point: make just those positive.
         return [z0, z1 - z0, x0, x1 - x0, _positive(d0, self.min_slope), _positive(d1, self.min_slope)]
 
+    param_major = True
+
     def forward(self, z, params):
         if _eager_functions():  # eager: one autograd Function with a hand-written backward
             return self._apply(_SplineForward, z, params)
+        if _compiled_kernel(z):
+            return self._operator(z, params, inverse=False)
         return self._forward_ops(z, params)
 
     def _apply(self, function: type[torch.autograd.Function], v: Tensor, params: Tensor):
@@ -200,8 +210,8 @@ class Spline(MonotoneFamily):
         return function.apply(v, params, self)
 
     def _forward_ops(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """The forward map as plain tensor operations: what torch.compile traces, and the
-        reference (and double-backward path) of :class:`_SplineForward`."""
+        """The forward map as plain tensor operations: what torch.compile traces where the C
+        kernels do not run, and the reference (and double-backward path) of :class:`_SplineForward`."""
         shift, scale, params = self._split(params)
         x, log_d = self._spline(z, params)
         return shift + scale * x, log_d + torch.log(scale)
@@ -210,7 +220,27 @@ class Spline(MonotoneFamily):
         if _eager_functions() and _native.kernel(x) is not None:
             # eager CPU: the C kernel, with the backward of the inverse function theorem
             return self._apply(_SplineInverse, x, params)
+        if _compiled_kernel(x):
+            return self._operator(x, params, inverse=True)
         return self._inverse_ops(x, params)
+
+    def _operator(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The C kernels as torch custom operators (:func:`krflows.transforms._native.spline_op`):
+        the path under torch.compile on the CPU, which then fuses only the code around them."""
+        if v.shape != params.shape[:-1]:
+            shape = torch.broadcast_shapes(v.shape, params.shape[:-1])
+            v, params = v.expand(shape), params.expand(*shape, self.n_params)
+        P = params.shape[-1]
+        if params.dim() >= 3:  # (*, d, P): coordinates d, points the rest, as _SplineForward._layout
+            d = params.shape[-2]
+            pt, vt = params.reshape(-1, d, P).permute(1, 2, 0), v.reshape(-1, d).T
+        else:  # one coordinate of n points
+            pt, vt = params.reshape(-1, P).T.unsqueeze(0), v.reshape(1, -1)
+        out, log_d = _native.spline_op(vt, pt, self.bins, self.bound, self.min_width, self.min_slope,
+                                       self.affine, inverse)
+        if params.dim() >= 3:
+            return out.T.reshape(v.shape), log_d.T.reshape(v.shape)
+        return out.reshape(v.shape), log_d.reshape(v.shape)
 
     def _inverse_ops(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """The inverse as plain tensor operations (other devices, torch.compile, double backward)."""
@@ -269,10 +299,18 @@ class Spline(MonotoneFamily):
 
 
 def _eager_functions() -> bool:
-    """Whether the spline's autograd Functions may run: not under torch.compile (which traces the
-    plain operations) nor under torch.func transforms (``jacrev``, ``vmap``, ...), which cannot see
-    into a hand-written backward or a C kernel."""
+    """Whether the spline's autograd Functions may run: not under torch.compile (which calls the
+    kernels as custom operators or traces the plain operations) nor under torch.func transforms
+    (``jacrev``, ``vmap``, ...), which cannot see into a hand-written backward or a C kernel."""
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
+def _compiled_kernel(like: Tensor) -> bool:
+    """Whether torch.compile is tracing a spline call the C kernels can serve (CPU, float32 or
+    float64, kernel built): it then calls them as custom operators instead of tracing the plain
+    operations. Not under torch.func transforms (the operators have no vmap rule)."""
+    return torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active() and \
+        _native.available(like)
 
 
 @functools.lru_cache(maxsize=32)
@@ -326,8 +364,8 @@ class _SplineForward(torch.autograd.Function):
 
     Double backward (``create_graph=True``) recomputes the plain operations
     (:meth:`Spline._forward_ops`) from the saved inputs and differentiates them with autograd,
-    so higher derivatives are exact too, only not fast. torch.compile traces the plain
-    operations instead (inductor fuses them itself).
+    so higher derivatives are exact too, only not fast. torch.compile does not run this Function:
+    it calls the kernels as custom operators (CPU) or traces the plain operations (other devices).
     """
 
     @staticmethod
