@@ -248,22 +248,22 @@ class KRFlow(nn.Module):
 
         Compiled: sampling with ``log q`` (:meth:`rsample_and_log_prob`, :meth:`sample`, the
         training step) and, for families with an analytic inverse, :meth:`log_prob`. The
-        compiler fuses the torch operations around the spline (and the spline's own, which eager
-        CPU code runs as fused C kernels instead). On the CPU that gains little since those
-        kernels (benchmarks/RESULTS.md, 2 threads: a training step 10.5 ms compiled vs 9.6 ms eager
-        at B = 512, 48 vs 55 ms at 4096); it pays on a GPU (with ``mode="reduce-overhead"``) and
-        for :meth:`log_prob` on large CPU batches. Compilation is paid on first
-        use and once more at the second batch shape (a dynamic-shape graph, which then serves
-        every shape; ``dynamic=True`` compiles that one directly): sampling with its backward
-        takes tens of seconds, :meth:`log_prob` (the inverse's ``d`` passes per layer, unrolled)
-        minutes (``d = 10``, 4 layers, cold, on a busy 2-core CPU: 40 s for sampling, 110 s for
-        ``log_prob``, 144 s more at its second shape; inductor's on-disk cache makes later
-        processes much faster). Same numerics as eager
-        up to float rounding. Graceful: if compilation or a compiled call fails where the
-        eager code succeeds (no C++ compiler, an unsupported op), krflows warns once and
-        stays eager. ``options`` go to :func:`torch.compile` (e.g. ``mode="reduce-overhead"``
-        for CUDA graphs on GPU). This overrides :meth:`torch.nn.Module.compile`, which would
-        compile only :meth:`forward`.
+        compiler fuses the conditioners' operations (bias, activation, clamp); on the CPU the
+        spline itself stays the fused C kernels of eager code, called as custom operators, and
+        on other devices the compiler fuses the spline's operations too. On the CPU it pays for
+        large batches (benchmarks/RESULTS.md, 2 threads, funnel-10: a training step 38-51 ms
+        compiled vs 50-58 ms eager at B = 4096, about even at B = 512) and for sampling and
+        :meth:`log_prob` throughput; on a GPU use ``mode="reduce-overhead"``. Compilation is paid
+        on first use and once more at the second batch shape (a dynamic-shape graph, which then
+        serves every shape; ``dynamic=True`` compiles that one directly): ``d = 10``, 4 layers,
+        cold, 2-core CPU: 28 s for sampling with its backward and 38 s for :meth:`log_prob` (the
+        inverse's ``d`` passes per layer, unrolled); where the spline is traced (no C compiler,
+        other devices) 43 s and 126 s; inductor's on-disk cache makes later processes much
+        faster. Same numerics as eager up to float rounding. Graceful: if compilation or a
+        compiled call fails where the eager code succeeds (no C++ compiler, an unsupported op),
+        krflows warns once and stays eager. ``options`` go to :func:`torch.compile` (e.g.
+        ``mode="reduce-overhead"`` for CUDA graphs on GPU). This overrides
+        :meth:`torch.nn.Module.compile`, which would compile only :meth:`forward`.
         """
         self._compile_options = dict(options)
         _native.status()  # builds or loads the spline's C kernels now: traced code only reads that they exist

@@ -37,6 +37,7 @@ def test_gpu_check_dry_run_writes_a_report(tmp_path):
     assert "skipped" in text and "ESS/N" in text
     assert "| metric | krflows | zuko |" in text and "mlp-floor" in text
     assert "| metric | krflows-compile | zuko-compile |" in text and "dynamic=True" in text
+    assert "| mlp-floor-compile ms |" in text  # the compiled run's floor is compiled too
 
 
 @pytest.mark.slow
