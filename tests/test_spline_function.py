@@ -445,3 +445,29 @@ def test_compiled_flow_calls_the_kernels(monkeypatch, impl):
     assert calls.count("inverse") == 2 * 3, calls  # 3 coordinates, 2 layers
     with eager.eager():
         assert torch.allclose(log_q, eager.log_prob(ref[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_soft_clamp_is_bound_tanh(impl):
+    """:class:`krflows.nn.SoftClamp` (one C pass each way with the kernel, torch operations without)
+    against ``bound * tanh(x / bound)`` by torch: float64 to rounding, float32 to a few ulp of the
+    bound, infinities to ``±bound`` with zero gradient, NaN kept; ``gradcheck``; strided input."""
+    from krflows.nn import SoftClamp
+    g = torch.Generator().manual_seed(4)
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 4e-6)):
+        x = (torch.randn(5000, generator=g, dtype=torch.float64) * 12).to(dtype)
+        x[:4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0])
+        x.requires_grad_()
+        y = SoftClamp.apply(x, 8.0)
+        ref = 8 * torch.tanh(x.double() / 8)
+        assert torch.allclose(y[4:].double(), ref[4:], rtol=0, atol=tol * 8)
+        assert y[0] == 8 and y[1] == -8 and y[2].isnan() and y[3].abs() <= tol
+        gy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+        (gx,) = torch.autograd.grad(y, x, gy)
+        (gref,) = torch.autograd.grad(ref, x, gy.double())
+        atol = tol * gy.abs().max().item() * 4
+        assert torch.allclose(gx[4:].double(), gref[4:].double(), rtol=0, atol=atol)
+        assert gx[0] == 0 and gx[1] == 0 and gx[2].isnan()
+    x = torch.randn(6, 4, dtype=torch.float64, generator=g).mul_(5).requires_grad_()
+    assert gradcheck(lambda v: SoftClamp.apply(v, 3.0), (x,))
+    assert gradcheck(lambda v: SoftClamp.apply(v.T, 3.0), (x,))  # strided: the torch operations
+    assert gradgradcheck(lambda v: SoftClamp.apply(v, 3.0), (x,))

@@ -96,6 +96,9 @@ def _build() -> ctypes.CDLL:
             fn.argtypes, fn.restype = [p, p, p, p, n, n, *scalars], ctypes.c_int
         bwd = getattr(lib, f"kr_spline_backward_{suffix}")
         bwd.argtypes, bwd.restype = [p, p, p, p, p, p, n, n, *scalars], ctypes.c_int
+        clamp, clamp_bwd = getattr(lib, f"kr_clamp_{suffix}"), getattr(lib, f"kr_clamp_backward_{suffix}")
+        clamp.argtypes, clamp.restype = [p, p, n, real, ctypes.c_int], ctypes.c_int
+        clamp_bwd.argtypes, clamp_bwd.restype = [p, p, p, n, real, ctypes.c_int], ctypes.c_int
     lib.kr_set_openmp.argtypes, lib.kr_set_openmp.restype = [ctypes.c_void_p] * 3, None
     _share_threads(lib)
     return lib
@@ -189,6 +192,22 @@ def backward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Te
             None if gL is None else gL.data_ptr(), gz.data_ptr(), gp.data_ptr(), L, R, *_args(fam)):
         raise MemoryError("krflows' spline kernel could not allocate its work buffer")
     return gz, gp
+
+
+def clamp(lib: ctypes.CDLL, x: Tensor, bound: float) -> Tensor:
+    """``bound * tanh(x / bound)`` of a contiguous tensor, in one pass (:class:`krflows.nn.SoftClamp`)."""
+    y = torch.empty_like(x)
+    fn = getattr(lib, f"kr_clamp_{_suffix(x)}")
+    fn(x.data_ptr(), y.data_ptr(), x.numel(), bound, torch.get_num_threads())
+    return y
+
+
+def clamp_backward(lib: ctypes.CDLL, y: Tensor, grad: Tensor, bound: float) -> Tensor:
+    """The gradient of :func:`clamp`'s input, ``grad * (1 - (y / bound)^2)``, from its output ``y``."""
+    out = torch.empty_like(y)
+    getattr(lib, f"kr_clamp_backward_{_suffix(y)}")(y.data_ptr(), grad.data_ptr(), out.data_ptr(), y.numel(),
+                                                     bound, torch.get_num_threads())
+    return out
 
 
 # ---------------------------------------------------------------- for torch.compile
