@@ -1,5 +1,6 @@
-"""The fused CPU spline kernels (``_spline.c``: forward, its backward, inverse): built at first use,
-loaded with :mod:`ctypes`.
+"""The fused CPU spline kernels (``_spline.c``: forward, its backward, inverse, and the conditioners'
+soft clamp): built at first use, loaded with :mod:`ctypes`; for torch.compile, also registered as
+torch custom operators (:func:`spline_op`, whose backward is :func:`spline_backward_op`).
 
 Plain C without torch's headers compiles in a few seconds, once per machine (a torch C++ extension
 takes a minute or more); the library is cached under ``$KRFLOWS_CACHE`` (default

@@ -118,6 +118,8 @@ class Spline(MonotoneFamily):
     :meth:`_inverse_ops`) run.
     """
 
+    param_major = True  # the C kernels' layout
+
     def __init__(self, bins: int = 8, bound: float = 5.0, affine: bool = True,
                  min_width: float = 1e-3, min_slope: float = 1e-3):
         bins, bound = check_int("bins", bins, 1), check_real("bound", bound, 0.0)
@@ -193,8 +195,6 @@ class Spline(MonotoneFamily):
         # Only two of the K+1 slopes are needed per point: make just those positive.
         return [z0, z1 - z0, x0, x1 - x0, _positive(d0, self.min_slope), _positive(d1, self.min_slope)]
 
-    param_major = True
-
     def forward(self, z, params):
         if _eager_functions():  # eager: one autograd Function with a hand-written backward
             return self._apply(_SplineForward, z, params)
@@ -202,12 +202,16 @@ class Spline(MonotoneFamily):
             return self._operator(z, params, inverse=False)
         return self._forward_ops(z, params)
 
-    def _apply(self, function: type[torch.autograd.Function], v: Tensor, params: Tensor):
-        """``function.apply(v, params, self)`` with ``v`` and ``params`` broadcast to one shape."""
+    def _broadcast(self, v: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """``v (*)`` and ``params (*, P)`` broadcast to one shape (what the kernels need)."""
         if v.shape != params.shape[:-1]:
             shape = torch.broadcast_shapes(v.shape, params.shape[:-1])
             v, params = v.expand(shape), params.expand(*shape, self.n_params)
-        return function.apply(v, params, self)
+        return v, params
+
+    def _apply(self, function: type[torch.autograd.Function], v: Tensor, params: Tensor):
+        """``function.apply(v, params, self)`` with ``v`` and ``params`` broadcast to one shape."""
+        return function.apply(*self._broadcast(v, params), self)
 
     def _forward_ops(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         """The forward map as plain tensor operations: what torch.compile traces where the C
@@ -227,9 +231,7 @@ class Spline(MonotoneFamily):
     def _operator(self, v: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         """The C kernels as torch custom operators (:func:`krflows.transforms._native.spline_op`):
         the path under torch.compile on the CPU, which then fuses only the code around them."""
-        if v.shape != params.shape[:-1]:
-            shape = torch.broadcast_shapes(v.shape, params.shape[:-1])
-            v, params = v.expand(shape), params.expand(*shape, self.n_params)
+        v, params = self._broadcast(v, params)
         P = params.shape[-1]
         if params.dim() >= 3:  # (*, d, P): coordinates d, points the rest, as _SplineForward._layout
             d = params.shape[-2]
@@ -243,7 +245,8 @@ class Spline(MonotoneFamily):
         return out.reshape(v.shape), log_d.reshape(v.shape)
 
     def _inverse_ops(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """The inverse as plain tensor operations (other devices, torch.compile, double backward)."""
+        """The inverse as plain tensor operations (other devices, torch.compile where the kernels do
+        not run, double backward)."""
         shift, scale, params = self._split(params)
         z, log_d = self._spline_inverse((x - shift) / scale, params)
         return z, log_d + torch.log(scale)
