@@ -230,6 +230,31 @@ def test_block_products_equal_the_dense_masked_product(shape):
     assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(g1, g2, strict=True))
 
 
+def test_transposed_block_products_and_their_gradients_equal_the_dense_masked_product():
+    """``forward_t`` (eager: one autograd Function writing each block into its rows) against the
+    dense masked product: values, the gradients of input, weight and bias, and second order."""
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.sort(torch.randint(0, 65, (270,), generator=g)).values
+    layer = MaskedLinear((torch.arange(64) < prefix[:, None]).double()).double()
+    randomized(layer, std=0.5, seed=1)
+    assert layer.blocks
+    x = torch.randn(2000, 64, dtype=torch.float64, generator=g, requires_grad=True)
+    out = layer.forward_t(x)
+    dense = torch.nn.functional.linear(x, layer.weight * layer.mask, layer.bias).T
+    assert out.is_contiguous() and torch.allclose(out, dense, atol=1e-12)
+    seed = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    wrt = [x, layer.weight, layer.bias]
+    for a, b in zip(torch.autograd.grad(out, wrt, seed), torch.autograd.grad(dense, wrt, seed), strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+    small = MaskedLinear((torch.arange(64) < prefix[::4, None]).double()).double()
+    small.block_rows = 1
+    assert small.blocks
+    randomized(small, std=0.5, seed=2)
+    xs = torch.randn(5, 64, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(small.forward_t, (xs,))
+    assert torch.autograd.gradgradcheck(small.forward_t, (xs,))
+
+
 def test_non_prefix_masks_use_the_dense_product():
     mask = torch.ones(64, 64)
     mask[3, 0] = 0  # row 3 is no longer a prefix
