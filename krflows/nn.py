@@ -146,15 +146,15 @@ class SoftClamp(torch.autograd.Function):
         else:
             y = torch.mul(x, 2 / bound).sigmoid_().mul_(2 * bound).sub_(bound)
         ctx.save_for_backward(y)
-        ctx.bound = bound
+        # the backward runs in C only after a C forward: never while torch.compile traces it
+        ctx.bound, ctx.native = bound, not torch.compiler.is_compiling() and lib is not None
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (y,) = ctx.saved_tensors
-        if not torch.is_grad_enabled() and (lib := _native.kernel(y)) is not None and y.is_contiguous() \
-                and grad.is_contiguous():
-            return _native.clamp_backward(lib, y, grad, ctx.bound), None
+        if ctx.native and not torch.is_grad_enabled() and y.is_contiguous() and grad.is_contiguous():
+            return _native.clamp_backward(_native.kernel(y), y, grad, ctx.bound), None
         u = torch.mul(y, 1 / ctx.bound)
         u2 = u * u if torch.is_grad_enabled() else u.mul_(u)  # out of place under create_graph
         return torch.addcmul(grad, grad, u2, value=-1), None  # grad (1 - u²)

@@ -436,8 +436,11 @@ def test_compiled_flow_calls_the_kernels(monkeypatch, impl):
 
     ref = step(eager)
     calls.clear()
+    torch._dynamo.utils.counters.clear()
     got = step(compiled)
     assert calls.count("forward") + calls.count("inverse") == 2 and calls.count("backward") == 2, calls
+    # one graph each way: nothing eager-only (a ctypes call, data_ptr) was traced into a break
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     for a, b in zip((*got[:2], *got[2]), (*ref[:2], *ref[2]), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     calls.clear()
