@@ -136,25 +136,27 @@ class SoftClamp(torch.autograd.Function):
         # in place on one fresh buffer: a new full-size tensor per elementwise step cost more
         # than the arithmetic (forward + backward 0.71 -> 0.26 ms at 270 x 512, 14.3 -> 6.3 ms
         # at 270 x 4096, one thread, loaded machine)
-        if torch.compiler.is_compiling():
+        # C (the CPU spline's library, one pass instead of four) only eagerly; the backward runs in
+        # C only after a C forward, so never while torch.compile traces it
+        lib = None if torch.compiler.is_compiling() or not x.is_contiguous() else _native.kernel(x)
+        if lib is not None:
+            y = _native.clamp(lib, x, bound)
+        elif torch.compiler.is_compiling():
             # out of place: the compiler fuses the chain anyway, and torch 2.11 (not 2.6, 2.13) traced the
             # in-place chain into a saved y that zeroed every conditioner's gradient (seen with
             # torch 2.11 on CPU and CUDA, tests/test_flows.py's compiled-gradient test)
             y = torch.sigmoid(x * (2 / bound)) * (2 * bound) - bound
-        elif (lib := _native.kernel(x)) is not None and x.is_contiguous():
-            y = _native.clamp(lib, x, bound)  # one pass in C (the CPU spline's library) instead of four
         else:
             y = torch.mul(x, 2 / bound).sigmoid_().mul_(2 * bound).sub_(bound)
         ctx.save_for_backward(y)
-        # the backward runs in C only after a C forward: never while torch.compile traces it
-        ctx.bound, ctx.native = bound, not torch.compiler.is_compiling() and lib is not None
+        ctx.bound, ctx.lib = bound, lib
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (y,) = ctx.saved_tensors
-        if ctx.native and not torch.is_grad_enabled() and y.is_contiguous() and grad.is_contiguous():
-            return _native.clamp_backward(_native.kernel(y), y, grad, ctx.bound), None
+        if ctx.lib is not None and not torch.is_grad_enabled() and grad.is_contiguous():
+            return _native.clamp_backward(ctx.lib, y, grad, ctx.bound), None
         u = torch.mul(y, 1 / ctx.bound)
         u2 = u * u if torch.is_grad_enabled() else u.mul_(u)  # out of place under create_graph
         return torch.addcmul(grad, grad, u2, value=-1), None  # grad (1 - u²)
