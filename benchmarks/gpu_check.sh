@@ -86,10 +86,11 @@ TOTAL_START=$(date +%s.%N)
 run_step card card_info
 run_step cuda_tests "$PYTHON" -m pytest "${CUDA_TESTS[@]}"
 run_step fit fit_on_device
-BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-300}"  # seconds per benchmark run
+BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-300}"  # seconds for the eager benchmark run
+COMPILED_TIMEOUT="${GPU_CHECK_COMPILED_TIMEOUT:-$BENCH_TIMEOUT}"  # and for the compiled one
 run_step benchmark timeout "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_training.py "${BENCH[@]}" \
   --only timing throughput --out "$WORK/benchmark.md"
-run_step benchmark_compiled timeout "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_training.py \
+run_step benchmark_compiled timeout "$COMPILED_TIMEOUT" "$PYTHON" benchmarks/bench_training.py \
   "${BENCH_COMPILED[@]}" --only timing throughput --out "$WORK/benchmark_compiled.md"
 TOTAL=$(awk -v a="$TOTAL_START" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
 

@@ -51,6 +51,29 @@ def test_flow_on_device_matches_the_cpu(family, dtype):
         assert flow.sample((5,)).device.type == DEVICE.type
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_large_batch_training_pass_on_device_matches_the_cpu(dtype):
+    """A batch above ``MaskedLinear.block_rows`` (the block-product Function) through the
+    training pass, gradients included: the CPU runs the C spline and clamp kernels, the device
+    the torch operations, so this compares two implementations, not one with itself."""
+    cpu = make_flow("spline", 5, layers=2, hidden=(32, 32)).to(dtype)
+    flow = copy.deepcopy(cpu).to(DEVICE)
+    rows = 2 * krflows.nn.MaskedLinear.block_rows + 3
+    z = torch.randn(rows, 5, dtype=dtype) * 2  # some points beyond the spline's box (tails)
+    same = TOLERANCES[dtype][0] * (1 if dtype == torch.float64 else 10)
+    results = []
+    for f, zz in ((cpu, z), (flow, z.to(DEVICE))):
+        x, log_q, _ = f.push(zz)
+        loss = (log_q + 0.5 * x.square().sum(-1)).mean()
+        results.append((x, log_q, torch.autograd.grad(loss, list(f.parameters()))))
+    (x0, ld0, g0), (x1, ld1, g1) = results
+    assert x1.device.type == DEVICE.type
+    torch.testing.assert_close(x1.cpu(), x0, atol=same, rtol=same)
+    torch.testing.assert_close(ld1.cpu(), ld0, atol=same, rtol=same)
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(b.cpu(), a, atol=same, rtol=same * 10)
+
+
 def _draw(flow, seed: int):
     torch.manual_seed(seed)
     x, log_q = flow.rsample_and_log_prob((128,))
