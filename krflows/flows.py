@@ -140,6 +140,8 @@ class KRFlow(nn.Module):
         self.dim, self.family = dim, family
         self.conditioners = nn.ModuleList(
             MaskedMLP(dim, family.n_params, hidden) for _ in range(layers))
+        for net in self.conditioners:  # here, not in the compiled code (AutoregressiveTransform)
+            net.param_major = family.param_major
         self.affine = LowerAffine(dim) if affine_stage else None
         if order is not None:
             order = torch.as_tensor(order, dtype=torch.long)
