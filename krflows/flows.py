@@ -173,8 +173,13 @@ class KRFlow(nn.Module):
 
     @property
     def base(self) -> Independent:
-        """The reference ``N(0, I_d)`` on the flow's device and dtype."""
-        return Independent(Normal(self._ref, torch.ones_like(self._ref)), 1)
+        """The reference ``N(0, I_d)`` on the flow's device and dtype.
+
+        Built without argument validation: its parameters are valid by construction, and
+        validating them checks tensors on the host (a GPU synchronization in every sampling
+        call, and a graph break in compiled code)."""
+        ref = self._ref
+        return Independent(Normal(ref, torch.ones_like(ref), validate_args=False), 1, validate_args=False)
 
     @property
     def device(self) -> torch.device:

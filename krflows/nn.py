@@ -34,8 +34,11 @@ class MaskedLinear(nn.Linear):
     network). Dense libraries (zuko, nflows) multiply those zeros. Same result.
     """
 
-    #: eager batches of at least this many rows use the block products (below, one product is
-    #: faster); compiled code always does
+    #: eager batches of at least this many rows use the block products on the CPU (below, one
+    #: product is faster); compiled CPU code always does. Other devices always take the one dense
+    #: product: there the products are launch-bound (H100, eager: ~20 µs of host time per kernel
+    #: against microseconds of arithmetic at these widths), and the blocks cost three products, a
+    #: concatenation and, backward, a zero-filled gradient per sliced input instead of one product
     block_rows = 1024
 
     def __init__(self, mask: Tensor, bias: bool = True, blocks: int = 3):
@@ -43,14 +46,16 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("mask", mask.to(self.weight.dtype))
         self.blocks = _prefix_blocks(mask, blocks)
 
-    def _blocked(self, rows: int) -> bool:
-        """Whether a batch of ``rows`` points uses the block products: compiled code has no
-        per-kernel overhead to amortize, so there blocks pay at every batch size."""
-        return bool(self.blocks) and (torch.compiler.is_compiling() or rows >= self.block_rows)
+    def _blocked(self, x: Tensor, rows: int) -> bool:
+        """Whether a batch of ``rows`` points ``x`` uses the block products: on the CPU only
+        (:attr:`block_rows`); compiled code has no per-kernel overhead to amortize, so there
+        blocks pay at every batch size."""
+        return bool(self.blocks) and x.device.type == "cpu" and (
+            torch.compiler.is_compiling() or rows >= self.block_rows)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight * self.mask
-        if not self._blocked(x.shape[:-1].numel()):
+        if not self._blocked(x, x.shape[:-1].numel()):
             return F.linear(x, w, self.bias)
         bias = self.bias if self.bias is not None else w.new_zeros(w.shape[0])
         return torch.cat([F.linear(x[..., :p], w[r0:r1, :p], bias[r0:r1])
@@ -61,7 +66,7 @@ class MaskedLinear(nn.Linear):
         contiguously, at the cost of ``forward`` (the product with a transposed operand)."""
         w = self.weight * self.mask
         bias = (self.bias if self.bias is not None else w.new_zeros(w.shape[0])).unsqueeze(-1)
-        if not self._blocked(x.shape[0]):
+        if not self._blocked(x, x.shape[0]):
             return torch.addmm(bias, w, x.T)
         if not torch.compiler.is_compiling():
             return _BlockedLinearT.apply(x, w, bias, self.blocks)
