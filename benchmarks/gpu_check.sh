@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # krflows on a GPU in one go (issue 16, goal 3): the card, the CUDA tests, a `krflows fit` run on
-# the GPU and the training benchmark at B = 4096 and 65536 against zuko, eager and compiled (two
-# runs, each under its own time limit, so that a slow compilation cannot take the eager numbers
-# with it), written to benchmarks/RESULTS_gpu.md with the card's name. About 5 minutes on an H100.
+# the GPU and the training benchmark at B = 4096 and 65536 against zuko: eager, compiled, and
+# compiled with CUDA graphs (three runs, each under its own time limit, so that a slow compilation
+# or a crash cannot take the others with it), written to benchmarks/RESULTS_gpu.md with the card's
+# name. Up to ~12 minutes on a bare H100 (the first four steps took 6 minutes there, most of it
+# cold compilation; set GPU_CHECK_*_TIMEOUT to fit a lease).
 #
 #   bash benchmarks/gpu_check.sh                 # on a GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run       # the same steps on the CPU, tiny budgets (~3 min)
@@ -24,6 +26,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 PYTHON="${PYTHON:-python}"
+export PYTHONFAULTHANDLER=1  # a crash (segfault) logs the Python stack of every thread
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/krflows_gpu_check.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
@@ -42,9 +45,13 @@ else
   # on a bare machine every compilation is cold, and the inverse's (log_prob: d passes per layer,
   # unrolled) took minutes, which made the first GPU run overrun its lease
   BENCH_COMPILED=(--device cuda --batches 4096 65536 --dynamic --sample-only
-                  --libs "${GPU_CHECK_COMPILED_LIBS:-krflows-compile,krflows-compile-cg,zuko-compile}")
+                  --libs "${GPU_CHECK_COMPILED_LIBS:-krflows-compile,zuko-compile}")
+  # CUDA graphs in a run of their own, last: on torch 2.11 (H100, 2026-11-27) the compiled
+  # backward segfaulted under mode="reduce-overhead", and took the like-for-like pair with it
+  BENCH_CUDAGRAPHS=(--device cuda --batches 4096 65536 --dynamic --sample-only --libs krflows-compile-cg)
   CUDA_TESTS=(tests/test_cuda.py -m cuda -q -p no:cacheprovider)
 fi
+[[ $DRY == 1 ]] && BENCH_CUDAGRAPHS=()  # CUDA only
 
 STEPS=()      # "| name | seconds | status |" rows for the report
 FAILED=0
@@ -88,10 +95,17 @@ run_step cuda_tests "$PYTHON" -m pytest "${CUDA_TESTS[@]}"
 run_step fit fit_on_device
 BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-300}"  # seconds for the eager benchmark run
 COMPILED_TIMEOUT="${GPU_CHECK_COMPILED_TIMEOUT:-$BENCH_TIMEOUT}"  # and for the compiled one
+CUDAGRAPHS_TIMEOUT="${GPU_CHECK_CUDAGRAPHS_TIMEOUT:-200}"  # and for the CUDA-graphs one
 run_step benchmark timeout "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_training.py "${BENCH[@]}" \
   --only timing throughput --out "$WORK/benchmark.md"
 run_step benchmark_compiled timeout "$COMPILED_TIMEOUT" "$PYTHON" benchmarks/bench_training.py \
   "${BENCH_COMPILED[@]}" --only timing throughput --out "$WORK/benchmark_compiled.md"
+RUNS=(benchmark benchmark_compiled)
+if [[ ${#BENCH_CUDAGRAPHS[@]} -gt 0 ]]; then
+  run_step benchmark_cudagraphs timeout "$CUDAGRAPHS_TIMEOUT" "$PYTHON" benchmarks/bench_training.py \
+    "${BENCH_CUDAGRAPHS[@]}" --only timing throughput --out "$WORK/benchmark_cudagraphs.md"
+  RUNS+=(benchmark_cudagraphs)
+fi
 TOTAL=$(awk -v a="$TOTAL_START" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
 
 if [[ $DRY == 1 ]]; then
@@ -121,8 +135,12 @@ mkdir -p "$(dirname "$OUT")"
   grep -E '^(ELBO|ESS/N|log Z|Pareto|missed)' "$WORK/fit.log" || echo "(no summary: see the step's status)"
   echo '```'
   echo
-  for run in benchmark benchmark_compiled; do
-    title="Training benchmark, $([[ $run == benchmark ]] && echo eager || echo compiled)"
+  for run in "${RUNS[@]}"; do
+    case $run in
+      benchmark) title="Training benchmark, eager" ;;
+      benchmark_compiled) title="Training benchmark, compiled" ;;
+      *) title="Training benchmark, compiled with CUDA graphs (alone: compare with the run above)" ;;
+    esac
     if [[ -s "$WORK/$run.md" ]]; then
       sed -e 's/^## /### /' -e "s/^# krflows training benchmark/## $title/" "$WORK/$run.md"
     else
@@ -131,7 +149,7 @@ mkdir -p "$(dirname "$OUT")"
       echo "(not written: see the step's status; what it logged before it stopped:)"
       echo
       echo '```'
-      grep -E '^\[ *[0-9.]+ s\]' "$WORK/$run.log" | tail -n 20 || true
+      grep -E '^\[ *[0-9.]+ s\]|^Fatal Python|^Current thread|^  File ' "$WORK/$run.log" | tail -n 30 || true
       echo '```'
     fi
     echo
