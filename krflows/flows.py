@@ -260,7 +260,10 @@ class KRFlow(nn.Module):
         on other devices the compiler fuses the spline's operations too. On the CPU it pays for
         large batches (benchmarks/RESULTS.md, 2 threads, funnel-10: a training step 38-51 ms
         compiled vs 50-58 ms eager at B = 4096, about even at B = 512) and for sampling and
-        :meth:`log_prob` throughput; on a GPU use ``mode="reduce-overhead"``. Compilation is paid
+        :meth:`log_prob` throughput. On a GPU, ``mode="reduce-overhead"`` (CUDA graphs) would remove the
+        launch overhead that bounds small batches, but with torch 2.11 on an H100 it crashed the
+        process (a segfault, which no fallback catches) in the compiled backward
+        (benchmarks/RESULTS_gpu.md): keep the default mode there for training. Compilation is paid
         on first use and once more at the second batch shape (a dynamic-shape graph, which then
         serves every shape; ``dynamic=True`` compiles that one directly): ``d = 10``, 4 layers,
         cold, 2-core CPU: 28 s for sampling with its backward and 38 s for :meth:`log_prob` (the
@@ -269,7 +272,7 @@ class KRFlow(nn.Module):
         faster. Same numerics as eager up to float rounding. Graceful: if compilation or a
         compiled call fails where the eager code succeeds (no C++ compiler, an unsupported op),
         krflows warns once and stays eager. ``options`` go to :func:`torch.compile` (e.g.
-        ``mode="reduce-overhead"`` for CUDA graphs on GPU). This overrides
+        ``dynamic=True``, ``mode=...``). This overrides
         :meth:`torch.nn.Module.compile`, which would compile only :meth:`forward`.
         """
         self._compile_options = dict(options)
