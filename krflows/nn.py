@@ -50,7 +50,7 @@ class MaskedLinear(nn.Linear):
         """Whether a batch of ``rows`` points ``x`` uses the block products: on the CPU only
         (:attr:`block_rows`); compiled code has no per-kernel overhead to amortize, so there
         blocks pay at every batch size."""
-        return bool(self.blocks) and x.device.type == "cpu" and (
+        return bool(self.blocks) and not _native.launch_bound(x) and (
             torch.compiler.is_compiling() or rows >= self.block_rows)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -477,3 +477,37 @@ def test_soft_clamp_is_bound_tanh(impl):
     assert gradcheck(lambda v: SoftClamp.apply(v, 3.0), (x,))
     assert gradcheck(lambda v: SoftClamp.apply(v.T, 3.0), (x,))  # strided: the torch operations
     assert gradgradcheck(lambda v: SoftClamp.apply(v, 3.0), (x,))
+
+
+@pytest.mark.parametrize("impl", ["kernel"], indirect=True)
+def test_the_launch_bound_path_matches_the_cpu_path(monkeypatch, impl):
+    """What eager code runs on a GPU (``_native.launch_bound``: one dense product per masked
+    layer, the spline's torch operations with running sums by ``cumsum``, the clamp by torch),
+    run on the CPU against the CPU's own path (block products, the C kernels), float64, a batch
+    above ``MaskedLinear.block_rows`` and points beyond the box: values and gradients."""
+    torch.manual_seed(3)
+    flow = krflows.KRFlow(5, layers=2, hidden=(32, 32)).double()
+    for p in flow.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    z = torch.randn(2 * krflows.nn.MaskedLinear.block_rows + 3, 5, dtype=torch.float64) * 2
+
+    def run():
+        x, log_q, _ = flow.push(z)
+        loss = (log_q + x.square().sum(-1)).mean()
+        return x, log_q, torch.autograd.grad(loss, list(flow.parameters()))
+
+    counts = []
+    cumsum, blocked = torch.Tensor.cumsum, krflows.nn._BlockedLinearT.apply
+    monkeypatch.setattr(torch.Tensor, "cumsum",
+                        lambda t, *a, **k: counts.append("cumsum") or cumsum(t, *a, **k))
+    monkeypatch.setattr(krflows.nn._BlockedLinearT, "apply",
+                        lambda *a: counts.append("blocks") or blocked(*a))
+    ref = run()
+    assert counts == ["blocks"] * 2  # the CPU's path: block products, running additions
+    counts.clear()
+    monkeypatch.setattr(_native, "launch_bound", lambda like: True)
+    monkeypatch.setattr(_native, "enabled", False)
+    got = run()
+    assert counts == ["cumsum"] * 2  # one cumsum per layer, no block products
+    for a, b in zip((*got[:2], *got[2]), (*ref[:2], *ref[2]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -151,6 +151,14 @@ def available(like: Tensor) -> bool:
         like.dtype in (torch.float32, torch.float64)
 
 
+def launch_bound(like: Tensor) -> bool:
+    """Whether eager code on ``like``'s device pays more per kernel launch than for the arithmetic
+    of the flow's sizes (any device but the CPU: a GPU's launch costs ~20 µs of host time), so that
+    fewer, larger operations win there: one dense masked product instead of block products
+    (:class:`~krflows.nn.MaskedLinear`), ``cumsum`` instead of running additions (the spline)."""
+    return like.device.type != "cpu"
+
+
 def kernel(like: Tensor) -> ctypes.CDLL | None:
     """The compiled library when it applies to tensors like ``like`` (CPU, float32 or float64)."""
     if not enabled or like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):

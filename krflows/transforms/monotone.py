@@ -330,7 +330,7 @@ def _running_sums(e: Tensor) -> Tensor:
     (:meth:`Spline._table`) do, so that the three agree to the last bits (ATen's CPU cumsum
     accumulates floats in double); elsewhere by ``cumsum``: two kernels instead of ``4 K``, where
     eager code is launch-bound (a GPU's scan rounds in its own order anyway)."""
-    if e.device.type != "cpu":
+    if _native.launch_bound(e):
         return F.pad(e.cumsum(2), (0, 0, 1, 0))
     L, _, K, R = e.shape
     cs = e.new_empty(L, 2, K + 1, R)
