@@ -46,16 +46,16 @@ class MaskedLinear(nn.Linear):
         self.register_buffer("mask", mask.to(self.weight.dtype))
         self.blocks = _prefix_blocks(mask, blocks)
 
-    def _blocked(self, x: Tensor, rows: int) -> bool:
-        """Whether a batch of ``rows`` points ``x`` uses the block products: on the CPU only
+    def _blocked(self, x: Tensor) -> bool:
+        """Whether the points ``x`` ``(*, in)`` take the block products: on the CPU only
         (:attr:`block_rows`); compiled code has no per-kernel overhead to amortize, so there
         blocks pay at every batch size."""
         return bool(self.blocks) and not _native.launch_bound(x) and (
-            torch.compiler.is_compiling() or rows >= self.block_rows)
+            torch.compiler.is_compiling() or x.shape[:-1].numel() >= self.block_rows)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight * self.mask
-        if not self._blocked(x, x.shape[:-1].numel()):
+        if not self._blocked(x):
             return F.linear(x, w, self.bias)
         bias = self.bias if self.bias is not None else w.new_zeros(w.shape[0])
         return torch.cat([F.linear(x[..., :p], w[r0:r1, :p], bias[r0:r1])
@@ -66,7 +66,7 @@ class MaskedLinear(nn.Linear):
         contiguously, at the cost of ``forward`` (the product with a transposed operand)."""
         w = self.weight * self.mask
         bias = (self.bias if self.bias is not None else w.new_zeros(w.shape[0])).unsqueeze(-1)
-        if not self._blocked(x, x.shape[0]):
+        if not self._blocked(x):
             return torch.addmm(bias, w, x.T)
         if not torch.compiler.is_compiling():
             return _BlockedLinearT.apply(x, w, bias, self.blocks)
