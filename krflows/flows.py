@@ -139,9 +139,7 @@ class KRFlow(nn.Module):
         layers, hidden = check_int("layers", layers, 0), check_hidden(hidden)
         self.dim, self.family = dim, family
         self.conditioners = nn.ModuleList(
-            MaskedMLP(dim, family.n_params, hidden) for _ in range(layers))
-        for net in self.conditioners:  # here, not in the compiled code (AutoregressiveTransform)
-            net.param_major = family.param_major
+            MaskedMLP(dim, family.n_params, hidden, param_major=family.param_major) for _ in range(layers))
         self.affine = LowerAffine(dim) if affine_stage else None
         if order is not None:
             order = torch.as_tensor(order, dtype=torch.long)

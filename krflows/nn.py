@@ -179,6 +179,11 @@ class MaskedMLP(nn.Module):
         bound: outputs are soft-clamped to ``(-bound, bound)`` by ``bound * tanh(o / bound)``,
             which bounds every layer's slope and shift: no input or weight can overflow
             a deep flow, and the slope a layer can reach is an explicit capacity limit.
+        param_major: the layout of the family that reads the output (its ``param_major``: the
+            spline's C kernels read each parameter as a row over the points). Eager code always
+            returns that layout; compiled code only with this set and the kernels available
+            (otherwise the row-major product, which the compiler's own fused loops prefer).
+            The values are the same either way.
 
     The output layer starts at zero, so the parameters start at zero.
 
@@ -188,15 +193,12 @@ class MaskedMLP(nn.Module):
         torch.Size([5, 3, 2])
     """
 
-    #: under torch.compile, return the parameter-major layout of eager code when the spline's C
-    #: kernels will read it (set by :class:`~krflows.transforms.AutoregressiveTransform` from its
-    #: family's ``param_major``)
-    param_major: bool = False
+    param_major: bool = False  # a class default too: networks pickled before the argument existed
 
     def __init__(self, dim: int, n_params: int, hidden: Sequence[int] = (64, 64),
-                 activation: type[nn.Module] = nn.SiLU, bound: float = 8.0):
+                 activation: type[nn.Module] = nn.SiLU, bound: float = 8.0, param_major: bool = False):
         super().__init__()
-        self.dim, self.n_params, self.bound = dim, n_params, bound
+        self.dim, self.n_params, self.bound, self.param_major = dim, n_params, bound, param_major
         in_deg = torch.arange(1, dim + 1)
         layers: list[nn.Module] = []
         degrees = []
@@ -227,7 +229,7 @@ class MaskedMLP(nn.Module):
         # eager kernel (krflows.transforms.monotone._SplineForward) works in, so that neither
         # its forward nor its backward transposes the full parameter tensor (0.9 ms each way
         # at 4096 x 10 x 27, one thread). Same values as the row-major product. Compiled code
-        # keeps the row-major product unless ``param_major`` is set (by the layer, for a family
+        # keeps the row-major product unless ``param_major`` is set (at construction, for a family
         # that reads that layout: the spline, whose C kernels compiled code calls as custom
         # operators on the CPU): inductor's own fused spline loops run over points, and on
         # parameter-major input they made a compiled step slower (12.3 -> 16.9 ms at B = 512).

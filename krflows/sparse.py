@@ -234,10 +234,10 @@ class _SparseLayer(nn.Module):
     """The conditioners of one plate-sparse layer: the globals' and one per plate."""
 
     def __init__(self, layout: PlateLayout, n_params: int, hidden: Sequence[int], embedding: int,
-                 features: Sequence[Tensor | None]):
+                 features: Sequence[Tensor | None], param_major: bool = False):
         super().__init__()
         g = layout.globals
-        self.glob = MaskedMLP(g, n_params, hidden) if g else None
+        self.glob = MaskedMLP(g, n_params, hidden, param_major=param_major) if g else None
         self.plates = nn.ModuleList(
             PlateConditioner(g, J, m, n_params, hidden, embedding, f)
             for (J, m), f in zip(layout.plates, features, strict=True))
@@ -305,7 +305,8 @@ class SparseKRFlow(KRFlow):
             raise ValueError(f"features: one entry per plate ({len(layout.plates)}), got {len(features)}")
         self.layout = layout
         self.conditioners = nn.ModuleList(
-            _SparseLayer(layout, self.family.n_params, hidden, embedding, features) for _ in range(layers))
+            _SparseLayer(layout, self.family.n_params, hidden, embedding, features, self.family.param_major)
+            for _ in range(layers))
         self.affine = SparseAffine(layout) if affine_stage else None
         if compile:
             self.compile()

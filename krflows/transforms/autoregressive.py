@@ -36,11 +36,6 @@ class AutoregressiveTransform(TriangularTransform):
                  dim: int):
         super().__init__()
         self.conditioner, self.family, self.dim = conditioner, family, dim
-        # MaskedMLP: the layout its compiled code returns. Set only when it differs: KRFlow builds
-        # this layer inside its compiled functions, and a module attribute set there is a guard
-        # that failed on the next call (one whole recompilation); KRFlow sets it at construction
-        if getattr(conditioner, "param_major", family.param_major) != family.param_major:
-            conditioner.param_major = family.param_major
 
     def expected_input(self) -> tuple[int | None, Tensor | None]:
         params = getattr(self.conditioner, "parameters", None)
