@@ -484,7 +484,8 @@ def test_the_launch_bound_path_matches_the_cpu_path(monkeypatch, impl):
     """What eager code runs on a GPU (``_native.launch_bound``: one dense product per masked
     layer, the spline's torch operations with running sums by ``cumsum``, the clamp by torch),
     run on the CPU against the CPU's own path (block products, the C kernels), float64, a batch
-    above ``MaskedLinear.block_rows`` and points beyond the box: values and gradients."""
+    above ``MaskedLinear.block_rows`` and points beyond the box: values and gradients, and
+    ``log_prob`` (the inverse's knot tables by ``cumsum`` against the C inverse)."""
     torch.manual_seed(3)
     flow = krflows.KRFlow(5, layers=2, hidden=(32, 32)).double()
     for p in flow.parameters():
@@ -503,6 +504,8 @@ def test_the_launch_bound_path_matches_the_cpu_path(monkeypatch, impl):
     monkeypatch.setattr(krflows.nn._BlockedLinearT, "apply",
                         lambda *a: counts.append("blocks") or blocked(*a))
     ref = run()
+    with torch.no_grad():
+        log_prob_ref = flow.log_prob(ref[0])
     assert counts == ["blocks"] * 2  # the CPU's path: block products, running additions
     counts.clear()
     monkeypatch.setattr(_native, "launch_bound", lambda like: True)
@@ -511,3 +514,7 @@ def test_the_launch_bound_path_matches_the_cpu_path(monkeypatch, impl):
     assert counts == ["cumsum"] * 2  # one cumsum per layer, no block products
     for a, b in zip((*got[:2], *got[2]), (*ref[:2], *ref[2]), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    counts.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(flow.log_prob(ref[0]), log_prob_ref, rtol=1e-8, atol=1e-8)
+    assert counts == ["cumsum"] * 2 * 5  # one table per coordinate and layer
