@@ -705,12 +705,13 @@ def gpu_info(device: str) -> dict[str, str]:
     return {"device": f"cuda: {props.name}, {props.total_memory / 2 ** 30:.0f} GiB, "
                       f"{props.multi_processor_count} SMs, compute capability {props.major}.{props.minor}",
             "CUDA (torch build)": str(torch.version.cuda),
+            "krflows' CUDA spline": krflows.transforms._native.gpu_status(),
             "TF32 matmul": str(torch.backends.cuda.matmul.allow_tf32)}
 
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "zuko", "nflows", "pyro-ppl", "krflows"):
+    for pkg in ("torch", "triton", "zuko", "nflows", "pyro-ppl", "krflows"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:

@@ -95,7 +95,8 @@ run_step cuda_tests "$PYTHON" -m pytest "${CUDA_TESTS[@]}"
 run_step fit fit_on_device
 BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-300}"  # seconds for the eager benchmark run
 COMPILED_TIMEOUT="${GPU_CHECK_COMPILED_TIMEOUT:-$BENCH_TIMEOUT}"  # and for the compiled one
-CUDAGRAPHS_TIMEOUT="${GPU_CHECK_CUDAGRAPHS_TIMEOUT:-200}"  # and for the CUDA-graphs one
+CUDAGRAPHS_TIMEOUT="${GPU_CHECK_CUDAGRAPHS_TIMEOUT:-200}"  # and for the CUDA-graphs one (0: skip it)
+[[ $CUDAGRAPHS_TIMEOUT == 0 ]] && BENCH_CUDAGRAPHS=()
 run_step benchmark timeout "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_training.py "${BENCH[@]}" \
   --only timing throughput --out "$WORK/benchmark.md"
 run_step benchmark_compiled timeout "$COMPILED_TIMEOUT" "$PYTHON" benchmarks/bench_training.py \

@@ -251,30 +251,31 @@ class KRFlow(nn.Module):
     def compile(self, **options) -> KRFlow:
         r"""Runs the hot paths through :func:`torch.compile` from now on (returns ``self``).
 
-        Compiled: sampling with ``log q`` (:meth:`rsample_and_log_prob`, :meth:`sample`, the
-        training step) and, for families with an analytic inverse, :meth:`log_prob`. The
-        compiler fuses the conditioners' operations (bias, activation, clamp); on the CPU the
-        spline itself stays the fused C kernels of eager code, called as custom operators, and
-        on other devices the compiler fuses the spline's operations too. On the CPU it pays for
-        large batches (benchmarks/RESULTS.md, 2 threads, funnel-10: a training step 38-51 ms
-        compiled vs 50-58 ms eager at B = 4096, about even at B = 512) and for sampling and
-        :meth:`log_prob` throughput. On a GPU, ``mode="reduce-overhead"`` (CUDA graphs) would remove the
-        launch overhead that bounds small batches, but with torch 2.11 on an H100 it crashed the
-        process (a segfault, which no fallback catches) in the compiled backward
-        (benchmarks/RESULTS_gpu.md): keep the default mode there for training. Compilation is paid
-        on first use and once more at the second batch shape (a dynamic-shape graph, which then
-        serves every shape; ``dynamic=True`` compiles that one directly): ``d = 10``, 4 layers,
-        cold, 2-core CPU: 28 s for sampling with its backward and 38 s for :meth:`log_prob` (the
-        inverse's ``d`` passes per layer, unrolled); where the spline is traced (no C compiler,
-        other devices) 43 s and 126 s; inductor's on-disk cache makes later processes much
-        faster. Same numerics as eager up to float rounding. Graceful: if compilation or a
-        compiled call fails where the eager code succeeds (no C++ compiler, an unsupported op),
-        krflows warns once and stays eager. ``options`` go to :func:`torch.compile` (e.g.
-        ``dynamic=True``, ``mode=...``). This overrides
+        Compiled: sampling with ``log q`` (:meth:`rsample_and_log_prob`, :meth:`sample`, the training
+        step) and, for families with an analytic inverse, :meth:`log_prob`. The compiler fuses the
+        conditioners' operations (bias, activation, clamp); the spline itself stays the fused kernels
+        of eager code (C on the CPU, Triton on CUDA devices), called as custom operators; where
+        neither runs, the compiler fuses the spline's operations too. On the CPU it pays for large
+        batches (benchmarks/RESULTS.md, 2 threads, funnel-10: a training step 38-51 ms compiled vs
+        50-58 ms eager at B = 4096, about even at B = 512) and for sampling and :meth:`log_prob`
+        throughput. On a GPU, ``mode="reduce-overhead"`` (CUDA graphs) would remove the launch
+        overhead that bounds small batches, but with torch 2.11 on an H100 it crashed the process (a
+        segfault, which no fallback catches) in the compiled backward (benchmarks/RESULTS_gpu.md):
+        keep the default mode there for training. Compilation is paid on first use and once more at
+        the second batch shape (a dynamic-shape graph, which then serves every shape; ``dynamic=True``
+        compiles that one directly): ``d = 10``, 4 layers, cold, 2-core CPU: 28 s for sampling with
+        its backward and 38 s for :meth:`log_prob` (the inverse's ``d`` passes per layer, unrolled);
+        where the spline is traced (no C compiler, other devices) 43 s and 126 s; inductor's on-disk
+        cache makes later processes much faster. Same numerics as eager up to float rounding.
+        Graceful: if compilation or a compiled call fails where the eager code succeeds (no C++
+        compiler, an unsupported op), krflows warns once and stays eager. ``options`` go to
+        :func:`torch.compile` (e.g. ``dynamic=True``, ``mode=...``). This overrides
         :meth:`torch.nn.Module.compile`, which would compile only :meth:`forward`.
         """
         self._compile_options = dict(options)
         _native.status()  # builds or loads the spline's C kernels now: traced code only reads that they exist
+        if torch.cuda.is_available():
+            _native.gpu_status()  # and imports the Triton ones
         self._compiled = {"push": torch.compile(self._push, **options)}
         if self.family.inverse_method == "analytic":
             self._compiled["pull"] = torch.compile(self._pull, **options)

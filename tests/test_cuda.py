@@ -55,7 +55,8 @@ def test_flow_on_device_matches_the_cpu(family, dtype):
 def test_large_batch_training_pass_on_device_matches_the_cpu(dtype):
     """A batch above ``MaskedLinear.block_rows`` (the block-product Function) through the
     training pass, gradients included: the CPU runs the C spline and clamp kernels, the device
-    the torch operations, so this compares two implementations, not one with itself."""
+    the Triton ones (the torch operations where Triton is missing), so this compares two
+    implementations, not one with itself."""
     cpu = make_flow("spline", 5, layers=2, hidden=(32, 32)).to(dtype)
     flow = copy.deepcopy(cpu).to(DEVICE)
     rows = 2 * krflows.nn.MaskedLinear.block_rows + 3
@@ -72,6 +73,34 @@ def test_large_batch_training_pass_on_device_matches_the_cpu(dtype):
     torch.testing.assert_close(ld1.cpu(), ld0, atol=same, rtol=same)
     for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(b.cpu(), a, atol=same, rtol=same * 10)
+
+
+def test_the_device_runs_the_triton_kernels():
+    """On a CUDA device with Triton (torch's CUDA wheels bring it) the spline runs the Triton
+    kernels, and they agree with the CPU's C kernels over many programs' worth of points."""
+    if DEVICE.type != "cuda":
+        pytest.skip("the Triton kernels are for CUDA devices")
+    pytest.importorskip("triton")
+    from krflows.transforms import _native, _spline_triton
+    from krflows.transforms.monotone import Spline
+
+    assert _native.gpu_status() == "triton kernels"
+    assert _native.kernel(torch.zeros(1, device=DEVICE)) is _spline_triton
+    fam = Spline()
+    g = torch.Generator().manual_seed(0)
+    pt = torch.randn(4, fam.n_params, 5000, generator=g, dtype=torch.float64) * 2
+    zt = torch.randn(4, 5000, generator=g, dtype=torch.float64) * 4
+    gX, gL = (torch.randn(4, 5000, generator=g, dtype=torch.float64) for _ in range(2))
+    lib = _native.kernel(zt)
+    if lib is None:
+        pytest.skip(f"no C kernel to compare with: {_native.status()}")
+    on = [t.to(DEVICE) for t in (zt, pt, gX, gL)]
+    pairs = [(_native.forward(_spline_triton, *on[:2], fam, name), _native.forward(lib, zt, pt, fam, name))
+             for name in ("forward", "inverse")]
+    pairs.append((_native.backward(_spline_triton, *on, fam), _native.backward(lib, zt, pt, gX, gL, fam)))
+    for got, want in pairs:
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a.cpu(), b, atol=1e-9, rtol=1e-9)
 
 
 def _draw(flow, seed: int):

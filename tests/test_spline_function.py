@@ -481,8 +481,8 @@ def test_soft_clamp_is_bound_tanh(impl):
 
 @pytest.mark.parametrize("impl", ["kernel"], indirect=True)
 def test_the_launch_bound_path_matches_the_cpu_path(monkeypatch, impl):
-    """What eager code runs on a GPU (``_native.launch_bound``: one dense product per masked
-    layer, the spline's torch operations with running sums by ``cumsum``, the clamp by torch),
+    """What eager code runs on a GPU without Triton (``_native.launch_bound``: one dense product
+    per masked layer, the spline's torch operations with running sums by ``cumsum``, the clamp by torch),
     run on the CPU against the CPU's own path (block products, the C kernels), float64, a batch
     above ``MaskedLinear.block_rows`` and points beyond the box: values and gradients, and
     ``log_prob`` (the inverse's knot tables by ``cumsum`` against the C inverse)."""

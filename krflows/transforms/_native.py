@@ -1,6 +1,9 @@
-"""The fused CPU spline kernels (``_spline.c``: forward, its backward, inverse, and the conditioners'
-soft clamp): built at first use, loaded with :mod:`ctypes`; for torch.compile, also registered as
-torch custom operators (:func:`spline_op`, whose backward is :func:`spline_backward_op`).
+"""The fused spline kernels (forward, its backward, inverse, and the conditioners' soft clamp): on
+the CPU ``_spline.c``, built at first use and loaded with :mod:`ctypes`; on CUDA devices the same
+kernels in Triton (``_spline_triton.py``, where Triton is installed: torch's CUDA wheels bring it).
+:func:`kernel` hands out either as ``lib``, which :func:`forward`, :func:`backward`, :func:`clamp`
+and :func:`clamp_backward` take. For torch.compile they are also registered as torch custom
+operators (:func:`spline_op`, whose backward is :func:`spline_backward_op`).
 
 Plain C without torch's headers compiles in a few seconds, once per machine (a torch C++ extension
 takes a minute or more); the library is cached under ``$KRFLOWS_CACHE`` (default
@@ -36,12 +39,14 @@ COMMON = ["-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off", "-fno-math-errn
 # Then any C compiler, portably.
 FLAG_SETS = [["-O2", "-fvect-cost-model=dynamic", "-march=native"], ["-O3"]]
 
-#: whether :func:`kernel` may return the compiled kernel (``KRFLOWS_NATIVE=0`` turns it off)
+#: whether :func:`kernel` may return a fused kernel (``KRFLOWS_NATIVE=0`` turns both off)
 enabled = os.environ.get("KRFLOWS_NATIVE", "1") not in ("0", "false", "False", "")
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status = "not loaded yet"
+_gpu = None  # the module of Triton kernels, once imported
+_gpu_status = "not loaded yet"
 
 
 def _compiler() -> str | None:
@@ -144,24 +149,53 @@ def status() -> str:
     return _status
 
 
+def _load_gpu():
+    global _gpu, _gpu_status
+    with _lock:
+        if _gpu_status == "not loaded yet":
+            try:
+                from krflows.transforms import _spline_triton
+                _gpu, _gpu_status = _spline_triton, "triton kernels"
+            except Exception as err:  # noqa: BLE001 - no Triton (CPU wheels, macOS): the torch operations
+                _gpu_status = f"torch operations ({type(err).__name__}: {err})"
+    return _gpu
+
+
+def gpu_status() -> str:
+    """Which spline runs on CUDA devices: ``"triton kernels"``, or ``"torch operations (why)"``."""
+    if not enabled:
+        return "torch operations (KRFLOWS_NATIVE=0)"
+    _load_gpu()
+    return _gpu_status
+
+
 def available(like: Tensor) -> bool:
     """Whether :func:`kernel` applies to tensors like ``like`` and is loaded already; never loads
-    it (reads two globals: safe to call while torch.compile traces)."""
-    return enabled and _status == "compiled kernel" and like.device.type == "cpu" and \
-        like.dtype in (torch.float32, torch.float64)
+    it (reads globals: safe to call while torch.compile traces)."""
+    if not enabled or like.dtype not in (torch.float32, torch.float64):
+        return False
+    if like.device.type == "cuda":
+        return _gpu_status == "triton kernels"
+    return _status == "compiled kernel" and like.device.type == "cpu"
 
 
 def launch_bound(like: Tensor) -> bool:
     """Whether eager code on ``like``'s device pays more per kernel launch than for the arithmetic
     of the flow's sizes (any device but the CPU: a GPU's launch costs ~20 µs of host time), so that
     fewer, larger operations win there: one dense masked product instead of block products
-    (:class:`~krflows.nn.MaskedLinear`), ``cumsum`` instead of running additions (the spline)."""
+    (:class:`~krflows.nn.MaskedLinear`), ``cumsum`` instead of running additions (the spline's
+    torch operations, where no fused kernel runs)."""
     return like.device.type != "cpu"
 
 
-def kernel(like: Tensor) -> ctypes.CDLL | None:
-    """The compiled library when it applies to tensors like ``like`` (CPU, float32 or float64)."""
-    if not enabled or like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
+def kernel(like: Tensor):
+    """The fused kernels that apply to tensors like ``like`` (float32 or float64): the compiled C
+    library on the CPU, the Triton module on a CUDA device; ``None`` where neither runs."""
+    if not enabled or like.dtype not in (torch.float32, torch.float64):
+        return None
+    if like.device.type == "cuda":
+        return _gpu if _gpu_status == "triton kernels" else _load_gpu()
+    if like.device.type != "cpu":
         return None
     return _lib if _status == "compiled kernel" else _load()
 
@@ -178,6 +212,8 @@ def _suffix(t: Tensor) -> str:
 def forward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, fam, name: str = "forward") -> tuple[Tensor, Tensor]:
     """``x`` and ``log dx/dz`` ``(L, R)`` from points ``zt (L, R)`` and parameters ``pt (L, P, R)``
     (both contiguous); with ``name="inverse"``, ``z`` and ``log dx/dz`` from points ``x``."""
+    if not isinstance(lib, ctypes.CDLL):  # the Triton kernels (CUDA)
+        return lib.forward(zt, pt, fam, name)
     L, R = zt.shape
     if not (zt.is_contiguous() and pt.is_contiguous()):
         raise ValueError("the spline kernel needs contiguous points and parameters")
@@ -192,6 +228,8 @@ def backward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Te
              ) -> tuple[Tensor, Tensor]:
     """The gradients of ``zt`` ``(L, R)`` and ``pt`` ``(L, P, R)`` from those of ``x`` and ``log dx/dz``
     (``(L, R)`` contiguous, or ``None`` for zero)."""
+    if not isinstance(lib, ctypes.CDLL):
+        return lib.backward(zt, pt, gX, gL, fam)
     L, R = zt.shape
     if not all(t is None or t.is_contiguous() for t in (zt, pt, gX, gL)):
         raise ValueError("the spline kernel needs contiguous points, parameters and gradients")
@@ -205,6 +243,8 @@ def backward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Te
 
 def clamp(lib: ctypes.CDLL, x: Tensor, bound: float) -> Tensor:
     """``bound * tanh(x / bound)`` of a contiguous tensor, in one pass (:class:`krflows.nn.SoftClamp`)."""
+    if not isinstance(lib, ctypes.CDLL):
+        return lib.clamp(x, bound)
     y = torch.empty_like(x)
     fn = getattr(lib, f"kr_clamp_{_suffix(x)}")
     fn(x.data_ptr(), y.data_ptr(), x.numel(), bound, torch.get_num_threads())
@@ -213,6 +253,8 @@ def clamp(lib: ctypes.CDLL, x: Tensor, bound: float) -> Tensor:
 
 def clamp_backward(lib: ctypes.CDLL, y: Tensor, grad: Tensor, bound: float) -> Tensor:
     """The gradient of :func:`clamp`'s input, ``grad * (1 - (y / bound)^2)``, from its output ``y``."""
+    if not isinstance(lib, ctypes.CDLL):
+        return lib.clamp_backward(y, grad, bound)
     out = torch.empty_like(y)
     getattr(lib, f"kr_clamp_backward_{_suffix(y)}")(y.data_ptr(), grad.data_ptr(), out.data_ptr(), y.numel(),
                                                      bound, torch.get_num_threads())

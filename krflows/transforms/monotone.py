@@ -111,11 +111,12 @@ class Spline(MonotoneFamily):
     cost ~80 small kernels each way, see its docstring and benchmarks/README.md); on the CPU
     (float32, float64) its forward and backward are each one fused C kernel, compiled at first
     use where a C compiler exists (:func:`krflows.transforms._native.status` says whether it
-    runs), and so is :meth:`inverse` (``_SplineInverse``). Under torch.compile on the CPU the same
-    kernels run as torch custom operators (:func:`krflows.transforms._native.spline_op`: the
-    compiler fuses only the code around them). Under torch.compile on other devices, under
-    torch.func transforms and for double backward the plain operations (:meth:`_forward_ops`,
-    :meth:`_inverse_ops`) run.
+    runs), and so is :meth:`inverse` (``_SplineInverse``); on CUDA devices the same three kernels
+    run in Triton (``krflows/transforms/_spline_triton.py``, where Triton is installed, as it is
+    with torch's CUDA wheels). Under torch.compile the same kernels run as torch custom operators
+    (:func:`krflows.transforms._native.spline_op`: the compiler fuses only the code around them).
+    On other devices, under torch.func transforms and for double backward the plain operations
+    (:meth:`_forward_ops`, :meth:`_inverse_ops`) run.
     """
 
     param_major = True  # the C kernels' layout
@@ -390,14 +391,16 @@ class _SplineForward(torch.autograd.Function):
     chunks of 64 points that the C compiler vectorizes, on torch's own OpenMP threads; its
     backward recomputes the forward instead of saving it, so only the inputs are kept). The
     torch operations below are the fallback where no C compiler works (``KRFLOWS_NATIVE=0``
-    forces them) and the path on other devices. At the benchmark's shapes (funnel-10, 4 layers,
-    2 threads, 2-core CPU, both paths interleaved in one process) a training step took 8.2 ms at
-    B = 512 with the kernel and 13.2 ms with the torch operations (52 vs 68 ms at B = 4096).
+    forces them) and the path on other devices; CUDA devices run the same kernels in Triton
+    (``_spline_triton.py``), the torch operations only where Triton is missing. At the benchmark's
+    shapes (funnel-10, 4 layers, 2 threads, 2-core CPU, both paths interleaved in one process) a
+    training step took 8.2 ms at B = 512 with the kernel and 13.2 ms with the torch operations
+    (52 vs 68 ms at B = 4096).
 
     Double backward (``create_graph=True``) recomputes the plain operations
     (:meth:`Spline._forward_ops`) from the saved inputs and differentiates them with autograd,
     so higher derivatives are exact too, only not fast. torch.compile does not run this Function:
-    it calls the kernels as custom operators (CPU) or traces the plain operations (other devices).
+    it calls the kernels as custom operators (CPU, CUDA with Triton) or traces the plain operations.
     """
 
     @staticmethod
