@@ -137,22 +137,29 @@ def _bin(v, pp, R, offs, mask, B, minw, K: tl.constexpr, ROW: tl.constexpr, OFF:
 
 
 @triton.jit
-def _start(pid, nrb, R, K: tl.constexpr, AFF: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's row, points, mask, and the offsets of its row of points and parameters."""
+def _start(c_ptr, nrb, R, K: tl.constexpr, AFF: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's points (offsets in the row, mask), the offsets of its row of points and of
+    parameters, ``R`` as int64 (``P R`` may pass 2^31) and the scalars of :func:`_spec`."""
     P: tl.constexpr = 3 * K + 1 + 2 * AFF
-    row = (pid // nrb).to(tl.int64)
-    offs = (pid % nrb) * BLOCK + tl.arange(0, BLOCK)
-    return offs, offs < R, row * R, row * P * R, row * 0 + R  # the last: R as int64 (P R may pass 2^31)
+    row = (tl.program_id(0) // nrb).to(tl.int64)
+    offs = (tl.program_id(0) % nrb) * BLOCK + tl.arange(0, BLOCK)
+    return (offs, offs < R, row * R, row * P * R, row * 0 + R,
+            tl.load(c_ptr), tl.load(c_ptr + 1), tl.load(c_ptr + 2), tl.load(c_ptr + 3))
+
+
+@triton.jit
+def _slope(xi, s, d0, d1):
+    """``dx/dz`` inside the bin and the pieces of the value (``Spline._slope``)."""
+    t = xi * (1.0 - xi)
+    den = s + (d1 + d0 - 2.0 * s) * t
+    num = d1 * xi * xi + 2.0 * s * t + d0 * (1.0 - xi) * (1.0 - xi)
+    return s * s * num / (den * den), t, den, num
 
 
 @triton.jit
 def _forward_kernel(z_ptr, p_ptr, x_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr, AFF: tl.constexpr,
                     BLOCK: tl.constexpr):
-    offs, mask, pbase, qbase, R = _start(tl.program_id(0), nrb, R, K, AFF, BLOCK)
-    B = tl.load(c_ptr)
-    minw = tl.load(c_ptr + 1)
-    floor_ = tl.load(c_ptr + 2)
-    cst = tl.load(c_ptr + 3)
+    offs, mask, pbase, qbase, R, B, minw, floor_, cst = _start(c_ptr, nrb, R, K, AFF, BLOCK)
     pp = p_ptr + qbase
     z = tl.load(z_ptr + pbase + offs, mask=mask, other=0.0)
     zc, idx, z0, w, x0, h, cz0, cz1, cx0, cx1, rz, rx, raw0, raw1, mz, mh = _bin(
@@ -161,10 +168,7 @@ def _forward_kernel(z_ptr, p_ptr, x_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr,
     d1 = floor_ + _softplus(raw1 + cst)
     s = h / w
     xi = _clip((zc - z0) / w, 0.0, 1.0)
-    t = xi * (1.0 - xi)
-    den = s + (d1 + d0 - 2.0 * s) * t
-    num = d1 * xi * xi + 2.0 * s * t + d0 * (1.0 - xi) * (1.0 - xi)
-    slope = s * s * num / (den * den)
+    slope, t, den, num = _slope(xi, s, d0, d1)
     n1 = s * xi * xi + d0 * t
     x = x0 + h * n1 / den
     above = z > zc
@@ -184,11 +188,7 @@ def _forward_kernel(z_ptr, p_ptr, x_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr,
 @triton.jit
 def _inverse_kernel(x_ptr, p_ptr, z_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr, AFF: tl.constexpr,
                     BLOCK: tl.constexpr):
-    offs, mask, pbase, qbase, R = _start(tl.program_id(0), nrb, R, K, AFF, BLOCK)
-    B = tl.load(c_ptr)
-    minw = tl.load(c_ptr + 1)
-    floor_ = tl.load(c_ptr + 2)
-    cst = tl.load(c_ptr + 3)
+    offs, mask, pbase, qbase, R, B, minw, floor_, cst = _start(c_ptr, nrb, R, K, AFF, BLOCK)
     pp = p_ptr + qbase
     v = tl.load(x_ptr + pbase + offs, mask=mask, other=0.0)
     if AFF:  # undo the affine part first: x' = (x - a) / s
@@ -206,10 +206,7 @@ def _inverse_kernel(x_ptr, p_ptr, z_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr,
     disc = qb * qb + 4.0 * qa * s * r
     disc = tl.where(disc < 0.0, 0.0, disc)
     xi = _clip((-2.0 * s * r) / (-qb - _sqrt(disc)), 0.0, 1.0)
-    t = xi * (1.0 - xi)
-    den = s + (d1 + d0 - 2.0 * s) * t
-    num = d1 * xi * xi + 2.0 * s * t + d0 * (1.0 - xi) * (1.0 - xi)
-    slope = s * s * num / (den * den)
+    slope = _slope(xi, s, d0, d1)[0]
     above = v > xc
     out = above | (v < xc)
     slope = tl.where(out, tl.where(above, d1, d0), slope)
@@ -224,13 +221,9 @@ def _inverse_kernel(x_ptr, p_ptr, z_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr,
 @triton.jit
 def _backward_kernel(z_ptr, p_ptr, gx_ptr, gl_ptr, gz_ptr, gp_ptr, c_ptr, R, nrb, K: tl.constexpr,
                      AFF: tl.constexpr, HAS_GX: tl.constexpr, HAS_GL: tl.constexpr, BLOCK: tl.constexpr):
-    offs, mask, pbase, qbase, R = _start(tl.program_id(0), nrb, R, K, AFF, BLOCK)
-    OFF: tl.constexpr = 2 * AFF
-    B = tl.load(c_ptr)
-    minw = tl.load(c_ptr + 1)
-    floor_ = tl.load(c_ptr + 2)
-    cst = tl.load(c_ptr + 3)
+    offs, mask, pbase, qbase, R, B, minw, floor_, cst = _start(c_ptr, nrb, R, K, AFF, BLOCK)
     pp = p_ptr + qbase
+    OFF: tl.constexpr = 2 * AFF
     gq = gp_ptr + qbase
     z = tl.load(z_ptr + pbase + offs, mask=mask, other=0.0)
     zc, idx, z0, w, x0, h, cz0, cz1, cx0, cx1, rz, rx, raw0, raw1, mz, mh = _bin(
@@ -242,9 +235,7 @@ def _backward_kernel(z_ptr, p_ptr, gx_ptr, gl_ptr, gz_ptr, gp_ptr, c_ptr, R, nrb
     xi_raw = (zc - z0) / w
     xi = _clip(xi_raw, 0.0, 1.0)
     xm = tl.where((xi_raw >= 0.0) & (xi_raw <= 1.0), 1.0, 0.0)
-    t = xi * (1.0 - xi)
-    den = s + (d1 + d0 - 2.0 * s) * t
-    num = d1 * xi * xi + 2.0 * s * t + d0 * (1.0 - xi) * (1.0 - xi)
+    _, t, den, num = _slope(xi, s, d0, d1)
     n1 = s * xi * xi + d0 * t
     above = z > zc
     below = z < zc
