@@ -163,3 +163,13 @@ def test_a_flow_on_the_triton_kernels_matches_the_c_kernels(tri, clib, monkeypat
     for a, b in zip(got, want, strict=True):
         for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b], strict=True):
             _close(u, v, 1e-9)
+
+
+def test_triton_kernels_refuse_strided_input_as_the_c_ones_do(tri):
+    """Both kernels read raw memory: a strided view would be read as if it were contiguous."""
+    fam = Spline()
+    zt, pt = _case(fam, torch.float64, R=20)
+    with pytest.raises(ValueError, match="contiguous"):
+        _native.forward(tri, zt, pt.transpose(0, 2).contiguous().transpose(0, 2), fam)
+    with pytest.raises(ValueError, match="contiguous"):
+        _native.backward(tri, zt.T.contiguous().T, pt, None, None, fam)

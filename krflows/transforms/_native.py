@@ -212,11 +212,11 @@ def _suffix(t: Tensor) -> str:
 def forward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, fam, name: str = "forward") -> tuple[Tensor, Tensor]:
     """``x`` and ``log dx/dz`` ``(L, R)`` from points ``zt (L, R)`` and parameters ``pt (L, P, R)``
     (both contiguous); with ``name="inverse"``, ``z`` and ``log dx/dz`` from points ``x``."""
+    if not (zt.is_contiguous() and pt.is_contiguous()):  # both kernels read raw memory
+        raise ValueError("the spline kernel needs contiguous points and parameters")
     if not isinstance(lib, ctypes.CDLL):  # the Triton kernels (CUDA)
         return lib.forward(zt, pt, fam, name)
     L, R = zt.shape
-    if not (zt.is_contiguous() and pt.is_contiguous()):
-        raise ValueError("the spline kernel needs contiguous points and parameters")
     X, Ld = torch.empty_like(zt), torch.empty_like(zt)
     if getattr(lib, f"kr_spline_{name}_{_suffix(zt)}")(
             zt.data_ptr(), pt.data_ptr(), X.data_ptr(), Ld.data_ptr(), L, R, *_args(fam)):
@@ -228,11 +228,11 @@ def backward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Te
              ) -> tuple[Tensor, Tensor]:
     """The gradients of ``zt`` ``(L, R)`` and ``pt`` ``(L, P, R)`` from those of ``x`` and ``log dx/dz``
     (``(L, R)`` contiguous, or ``None`` for zero)."""
+    if not all(t is None or t.is_contiguous() for t in (zt, pt, gX, gL)):
+        raise ValueError("the spline kernel needs contiguous points, parameters and gradients")
     if not isinstance(lib, ctypes.CDLL):
         return lib.backward(zt, pt, gX, gL, fam)
     L, R = zt.shape
-    if not all(t is None or t.is_contiguous() for t in (zt, pt, gX, gL)):
-        raise ValueError("the spline kernel needs contiguous points, parameters and gradients")
     gz, gp = torch.empty_like(zt), torch.empty_like(pt)
     if getattr(lib, f"kr_spline_backward_{_suffix(zt)}")(
             zt.data_ptr(), pt.data_ptr(), None if gX is None else gX.data_ptr(),

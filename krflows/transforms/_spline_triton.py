@@ -20,6 +20,7 @@ autograd on the CPU; tests/test_cuda.py compiles them on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -320,6 +321,13 @@ def _spec(fam, like: Tensor) -> Tensor:
     return _scalars(values, like.dtype, like.device)
 
 
+def _device(t: Tensor):
+    """Launch on ``t``'s GPU: Triton launches on the current device, which need not be the
+    tensors' (a flow on ``cuda:1`` without ``torch.cuda.set_device``). CPU tensors (the
+    interpreter, in the tests): no device to set."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _grid(L: int, R: int) -> tuple[tuple[int], int]:
     nrb = triton.cdiv(R, BLOCK)
     return (L * nrb,), nrb
@@ -332,7 +340,8 @@ def forward(zt: Tensor, pt: Tensor, fam, name: str = "forward") -> tuple[Tensor,
     if L * R:
         grid, nrb = _grid(L, R)
         kernel = _inverse_kernel if name == "inverse" else _forward_kernel
-        kernel[grid](zt, pt, X, Ld, _spec(fam, zt), R, nrb, K=fam.bins, AFF=int(fam.affine), BLOCK=BLOCK)
+        with _device(zt):
+            kernel[grid](zt, pt, X, Ld, _spec(fam, zt), R, nrb, K=fam.bins, AFF=int(fam.affine), BLOCK=BLOCK)
     return X, Ld
 
 
@@ -342,17 +351,19 @@ def backward(zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Tensor | None, fam) 
     gz, gp = torch.empty_like(zt), torch.empty_like(pt)
     if L * R:
         grid, nrb = _grid(L, R)
-        _backward_kernel[grid](zt, pt, zt if gX is None else gX, zt if gL is None else gL, gz, gp,
-                               _spec(fam, zt), R, nrb, K=fam.bins, AFF=int(fam.affine),
-                               HAS_GX=gX is not None, HAS_GL=gL is not None, BLOCK=BLOCK)
+        with _device(zt):
+            _backward_kernel[grid](zt, pt, zt if gX is None else gX, zt if gL is None else gL, gz, gp,
+                                   _spec(fam, zt), R, nrb, K=fam.bins, AFF=int(fam.affine),
+                                   HAS_GX=gX is not None, HAS_GL=gL is not None, BLOCK=BLOCK)
     return gz, gp
 
 
 def _clamp(x: Tensor, g: Tensor, bound: float, backward: bool) -> Tensor:
     y = torch.empty_like(x)
     if x.numel():
-        b = _scalars((float(bound),), x.dtype, x.device)
-        _clamp_kernel[(triton.cdiv(x.numel(), 1024),)](x, g, y, x.numel(), b, BACKWARD=backward, BLOCK=1024)
+        b, grid = _scalars((float(bound),), x.dtype, x.device), (triton.cdiv(x.numel(), 1024),)
+        with _device(x):
+            _clamp_kernel[grid](x, g, y, x.numel(), b, BACKWARD=backward, BLOCK=1024)
     return y
 
 
