@@ -173,3 +173,35 @@ def test_triton_kernels_refuse_strided_input_as_the_c_ones_do(tri):
         _native.forward(tri, zt, pt.transpose(0, 2).contiguous().transpose(0, 2), fam)
     with pytest.raises(ValueError, match="contiguous"):
         _native.backward(tri, zt.T.contiguous().T, pt, None, None, fam)
+
+
+@pytest.mark.parametrize("capability, fails, why", [
+    ((6, 0), False, "compute capability 6.0"), ((9, 0), True, "launch failed"), ((9, 0), False, None)])
+def test_the_gpu_kernels_are_checked_before_use(tri, monkeypatch, capability, fails, why):
+    """A GPU Triton cannot serve (a P100, a machine without the C compiler Triton's launcher
+    needs) gets the torch operations and a status saying why, instead of failing mid-forward."""
+    import sys
+
+    import krflows.transforms
+
+    def clamp(x, bound):
+        if fails:
+            raise RuntimeError("launch failed")
+        return tri.clamp(x.cpu(), bound)
+
+    monkeypatch.setattr(_native, "_gpu_status", "not loaded yet")
+    monkeypatch.setattr(_native, "_gpu", None)
+    monkeypatch.setattr(_native, "enabled", True)
+    fake = type(sys)("fake_spline_triton")
+    fake.clamp = clamp
+    monkeypatch.setattr(krflows.transforms, "_spline_triton", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "krflows.transforms._spline_triton", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capability)
+    monkeypatch.setattr(torch, "full", lambda size, value, device=None: torch.ones(size).mul_(value))
+    status = _native.gpu_status()
+    if why is None:
+        assert status == "triton kernels" and _native._gpu is fake
+    else:
+        assert status.startswith("torch operations") and why in status and _native._gpu is None

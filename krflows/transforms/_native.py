@@ -1,6 +1,8 @@
 """The fused spline kernels (forward, its backward, inverse, and the conditioners' soft clamp): on
 the CPU ``_spline.c``, built at first use and loaded with :mod:`ctypes`; on CUDA devices the same
-kernels in Triton (``_spline_triton.py``, where Triton is installed: torch's CUDA wheels bring it).
+kernels in Triton (``_spline_triton.py``, where Triton is installed, as torch's CUDA wheels bring
+it, and a test launch on every visible GPU worked: compute capability 7.0 or higher, a C compiler
+for Triton's launcher; :func:`gpu_status` says why not).
 :func:`kernel` hands out either as ``lib``, which :func:`forward`, :func:`backward`, :func:`clamp`
 and :func:`clamp_backward` take. For torch.compile they are also registered as torch custom
 operators (:func:`spline_op`, whose backward is :func:`spline_backward_op`).
@@ -154,11 +156,31 @@ def _load_gpu():
     with _lock:
         if _gpu_status == "not loaded yet":
             try:
-                from krflows.transforms import _spline_triton
-                _gpu, _gpu_status = _spline_triton, "triton kernels"
-            except Exception as err:  # noqa: BLE001 - no Triton (CPU wheels, macOS): the torch operations
+                _gpu, _gpu_status = _checked_triton(), "triton kernels"
+            except Exception as err:  # noqa: BLE001 - any failure means: use the torch operations
                 _gpu_status = f"torch operations ({type(err).__name__}: {err})"
     return _gpu
+
+
+def _checked_triton():
+    """The Triton kernels' module once it has run on every visible GPU; raises why not: no Triton
+    (CPU wheels, macOS), a GPU below compute capability 7.0 (Triton does not compile for it, and
+    torch.compile makes the same check), or a failed launch (Triton builds its launcher with the
+    host's C compiler at first use). Without this check such a machine would fail in the middle
+    of a forward pass where the torch operations work."""
+    from krflows.transforms import _spline_triton
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        if major < 7:
+            raise RuntimeError(f"cuda:{i} has compute capability {major}.{minor}; Triton needs 7.0 or higher")
+        x = torch.full((3,), 2.0, device=f"cuda:{i}")
+        got = _spline_triton.clamp(x, 4.0).cpu()  # 4 tanh(1/2): one launch, checked
+        if not torch.allclose(got, torch.full((3,), 4 * math.tanh(0.5))):
+            raise RuntimeError(f"a test launch on cuda:{i} returned {got.tolist()}")
+    return _spline_triton
 
 
 def gpu_status() -> str:
