@@ -28,17 +28,20 @@ class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed 0/1 mask ``(out, in)``.
 
     When every row of the mask is a prefix (row ``r`` sees inputs ``< p_r``, ``p_r``
-    non-decreasing: a MADE mask with sorted degrees), large batches are computed in
-    ``blocks`` row blocks that each read only their inputs' prefix, skipping the
+    non-decreasing: a MADE mask with sorted degrees), large eager batches on the CPU are
+    computed in ``blocks`` row blocks that each read only their inputs' prefix, skipping the
     masked-out upper triangle (about a third of the multiply-adds of an autoregressive
     network). Dense libraries (zuko, nflows) multiply those zeros. Same result.
     """
 
     #: eager batches of at least this many rows use the block products on the CPU (below, one
-    #: product is faster); compiled CPU code always does. Other devices always take the one dense
-    #: product: there the products are launch-bound (H100, eager: ~20 µs of host time per kernel
-    #: against microseconds of arithmetic at these widths), and the blocks cost three products, a
-    #: concatenation and, backward, a zero-filled gradient per sliced input instead of one product
+    #: product is faster). Compiled code and other devices always take the one dense product:
+    #: compiled, the blocks' slices, concatenation and zero-filled slice gradients cost more than
+    #: the skipped multiply-adds (funnel-10's compiled training step, 2 threads, both in one process:
+    #: 11.9 -> 10.0-10.5 ms at B = 512, 43.4 -> 39.2 ms at 4096); on a GPU the products are
+    #: launch-bound (H100, eager: ~20 µs of host time per kernel against microseconds of
+    #: arithmetic at these widths), and the blocks cost three products, a concatenation and,
+    #: backward, a zero-filled gradient per sliced input instead of one product
     block_rows = 1024
 
     def __init__(self, mask: Tensor, bias: bool = True, blocks: int = 3):
@@ -47,11 +50,10 @@ class MaskedLinear(nn.Linear):
         self.blocks = _prefix_blocks(mask, blocks)
 
     def _blocked(self, x: Tensor) -> bool:
-        """Whether the points ``x`` ``(*, in)`` take the block products: on the CPU only
-        (:attr:`block_rows`); compiled code has no per-kernel overhead to amortize, so there
-        blocks pay at every batch size."""
-        return bool(self.blocks) and not _native.launch_bound(x) and (
-            torch.compiler.is_compiling() or x.shape[:-1].numel() >= self.block_rows)
+        """Whether the points ``x`` ``(*, in)`` take the block products: eager CPU code on
+        batches of :attr:`block_rows` or more."""
+        return (bool(self.blocks) and not _native.launch_bound(x) and not torch.compiler.is_compiling()
+                and x.shape[:-1].numel() >= self.block_rows)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight * self.mask
@@ -68,9 +70,7 @@ class MaskedLinear(nn.Linear):
         bias = (self.bias if self.bias is not None else w.new_zeros(w.shape[0])).unsqueeze(-1)
         if not self._blocked(x):
             return torch.addmm(bias, w, x.T)
-        if not torch.compiler.is_compiling():
-            return _BlockedLinearT.apply(x, w, bias, self.blocks)
-        return torch.cat([torch.addmm(bias[r0:r1], w[r0:r1, :p], x[:, :p].T) for r0, r1, p in self.blocks])
+        return _BlockedLinearT.apply(x, w, bias, self.blocks)
 
 
 class _BlockedLinearT(torch.autograd.Function):
