@@ -140,7 +140,8 @@ KR_INLINE real KR_NAME(dsoftplus)(real y) {
 /* The bins of points r0 .. r0 + n - 1 of one row: v are the points in the coordinate of knot row
  * `row` (0: z, forward; 1: x, inverse), clamped to the box into c->zc; params p; softmax
  * numerators to e (2 K CH), running sums to C and knots to kn (2 (K + 1) CH each). Every loop runs
- * over the points of the chunk, without branches or conditional loads, so that it vectorizes. */
+ * over the points of the chunk without branches (the bin's values are indexed loads, which vector
+ * units gather), so that it vectorizes. */
 KR_INLINE void KR_NAME(bin)(const real *restrict v, int row, const real *restrict p, long R, long r0, int n,
                             int K, real B, real minw, int aff, chunk *restrict c, real *restrict e,
                             real *restrict C, real *restrict kn) {
@@ -168,9 +169,13 @@ KR_INLINE void KR_NAME(bin)(const real *restrict v, int row, const real *restric
         const real *restrict S = Cq + K * CH;
         for (int i = 0; i < n; i++) rq[i] = span / S[i];
         for (int i = 0; i < n; i++) kq[i] = -B, kq[K * CH + i] = B; /* the end knots, exactly */
+        /* C_j r + off_j rounded twice, as torch computes it (Spline._table), not fused: a point
+         * on a knot must fall in the same bin in both (the gradient of log dx/dz jumps there) */
+        for (int j = 1; j < K; j++)
+            for (int i = 0; i < n; i++) kq[j * CH + i] = Cq[j * CH + i] * rq[i];
         for (int j = 1; j < K; j++) {
             const real off_j = j * (2 * B * minw) - B;
-            for (int i = 0; i < n; i++) kq[j * CH + i] = Cq[j * CH + i] * rq[i] + off_j;
+            for (int i = 0; i < n; i++) kq[j * CH + i] += off_j;
         }
     }
     const real *restrict Cz = C, *restrict Cx = C + (K + 1) * CH, *restrict kz = kn, *restrict kx = kn + (K + 1) * CH;
@@ -183,23 +188,13 @@ KR_INLINE void KR_NAME(bin)(const real *restrict v, int row, const real *restric
     for (int j = 1; j < K; j++) /* the bin: interior knots at or below the clamped point */
         for (int i = 0; i < n; i++) c->idx[i] += c->zc[i] >= kv[j * CH + i] ? 1 : 0;
     const real *restrict raw = p + (long)(off + 2 * K) * R + r0;
-    for (int j = 0; j < K; j++) { /* pick the bin's two knots, running sums and raw slopes */
-        const real *restrict ra = raw + j * R, *restrict rb = ra + R;
-        const real *restrict za = kz + j * CH, *restrict xa = kx + j * CH;
-        const real *restrict cza = Cz + j * CH, *restrict cxa = Cx + j * CH;
-        for (int i = 0; i < n; i++) {
-            int m = c->idx[i] == j;
-            c->z0[i] = m ? za[i] : c->z0[i];
-            c->w[i] = m ? za[CH + i] - za[i] : c->w[i];
-            c->x0[i] = m ? xa[i] : c->x0[i];
-            c->h[i] = m ? xa[CH + i] - xa[i] : c->h[i];
-            c->cz0[i] = m ? cza[i] : c->cz0[i];
-            c->cz1[i] = m ? cza[CH + i] : c->cz1[i];
-            c->cx0[i] = m ? cxa[i] : c->cx0[i];
-            c->cx1[i] = m ? cxa[CH + i] : c->cx1[i];
-            c->raw0[i] = m ? ra[i] : c->raw0[i];
-            c->raw1[i] = m ? rb[i] : c->raw1[i];
-        }
+    for (int i = 0; i < n; i++) { /* the bin's two knots, running sums and raw slopes: gathers */
+        long a = (long)c->idx[i] * CH + i, j = (long)c->idx[i] * R + i;
+        c->z0[i] = kz[a], c->w[i] = kz[a + CH] - kz[a];
+        c->x0[i] = kx[a], c->h[i] = kx[a + CH] - kx[a];
+        c->cz0[i] = Cz[a], c->cz1[i] = Cz[a + CH];
+        c->cx0[i] = Cx[a], c->cx1[i] = Cx[a + CH];
+        c->raw0[i] = raw[j], c->raw1[i] = raw[j + R];
     }
     for (int i = 0; i < n; i++) { /* C_k / S and C_{k+1} / S */
         c->cz0[i] /= Cz[K * CH + i], c->cz1[i] /= Cz[K * CH + i];
