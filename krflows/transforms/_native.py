@@ -34,9 +34,9 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("_spline.c")
 # no trapping math: lets the compiler evaluate both sides of a select, which the loops need to vectorize;
-# fused multiply-adds where the CPU has them (-march=native): forward + backward at 10 x 512 points,
-# 2 threads, 234 -> 199 us with the bin's values gathered (one thread: 279 -> 239 us), the values
-# within float32 rounding of the unfused ones (float64: tests/test_spline_function.py's 1e-10 holds)
+# fused multiply-adds where the CPU has them (-march=native; _spline.c keeps the knots unfused):
+# with the bin's values gathered, forward + backward at 10 x 512 points 273 -> 243 us on 2 threads
+# (300 -> 255 us on one), within rounding of the unfused values (tests/test_spline_function.py)
 COMMON = ["-fPIC", "-shared", "-std=gnu11", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math"]
 # Tried in order. GCC, for this machine's instruction set: -O2 with the full vectorizer cost model
 # built in 2.6 s a kernel faster than -O3's (forward + backward at 10 x 4096 points, one thread:
