@@ -282,7 +282,7 @@ def build(name: str, d: int, s: Settings, seed: int) -> Model:
 
 class FloorTrainer:
     r"""The **conditioner-MLP floor**: krflows' own conditioners (the ``layers`` masked MLPs of
-    ``KRFlow(d, "spline", ...)``, :class:`krflows.nn.MaskedMLP`, same shapes and block products)
+    ``KRFlow(d, "spline", ...)``, :class:`krflows.nn.MaskedMLP`, same shapes and products)
     with no spline, doing what a training step does around them: draw ``z``, run the layers in
     sequence (``h <- h + sum_p params(h)[..., p]``, so each layer's input depends on the one
     before, as in the flow), backward, one Adam step. A step of any flow with these
@@ -939,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     if floor:
         lines += ["### Conditioner-MLP floor", "",
                   f"`{FLOOR}`: krflows' own conditioners alone ({s.layers} `krflows.nn.MaskedMLP`, "
-                  f"hidden {s.hidden}, the shapes of the flow's layers, block products included), "
+                  f"hidden {s.hidden}, the shapes and products of the flow's layers), "
                   "no spline: draw z, run the layers in sequence (each layer's input depends on the "
                   "previous layer's output), backward, one Adam step; timed in the same interleaved "
                   "rounds as the libraries. No step of a flow with these conditioners can be faster. "
