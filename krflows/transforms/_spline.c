@@ -141,10 +141,11 @@ KR_INLINE real KR_NAME(dsoftplus)(real y) {
  * `row` (0: z, forward; 1: x, inverse), clamped to the box into c->zc; params p; softmax
  * numerators to e (2 K CH), running sums to C and knots to kn (2 (K + 1) CH each). Every loop runs
  * over the points of the chunk without branches (the bin's values are indexed loads, which vector
- * units gather), so that it vectorizes. */
+ * units gather), so that it vectorizes. `grad` (a constant at every call, so the compiler drops
+ * what it does not need): also what only the backward reads, C_k / S and C_{k+1} / S. */
 KR_INLINE void KR_NAME(bin)(const real *restrict v, int row, const real *restrict p, long R, long r0, int n,
-                            int K, real B, real minw, int aff, chunk *restrict c, real *restrict e,
-                            real *restrict C, real *restrict kn) {
+                            int K, real B, real minw, int aff, int grad, chunk *restrict c,
+                            real *restrict e, real *restrict C, real *restrict kn) {
     const int off = aff ? 2 : 0;
     const real span = 2 * B * (1 - K * minw);
     real mx[CH];
@@ -188,25 +189,25 @@ KR_INLINE void KR_NAME(bin)(const real *restrict v, int row, const real *restric
     for (int j = 1; j < K; j++) /* the bin: interior knots at or below the clamped point */
         for (int i = 0; i < n; i++) c->idx[i] += c->zc[i] >= kv[j * CH + i] ? 1 : 0;
     const real *restrict raw = p + (long)(off + 2 * K) * R + r0;
-    for (int i = 0; i < n; i++) { /* the bin's two knots, running sums and raw slopes: gathers */
+    for (int i = 0; i < n; i++) { /* the bin's two knots and raw slopes: gathers */
         long a = (long)c->idx[i] * CH + i, j = (long)c->idx[i] * R + i;
         c->z0[i] = kz[a], c->w[i] = kz[a + CH] - kz[a];
         c->x0[i] = kx[a], c->h[i] = kx[a + CH] - kx[a];
-        c->cz0[i] = Cz[a], c->cz1[i] = Cz[a + CH];
-        c->cx0[i] = Cx[a], c->cx1[i] = Cx[a + CH];
         c->raw0[i] = raw[j], c->raw1[i] = raw[j + R];
     }
-    for (int i = 0; i < n; i++) { /* C_k / S and C_{k+1} / S */
-        c->cz0[i] /= Cz[K * CH + i], c->cz1[i] /= Cz[K * CH + i];
-        c->cx0[i] /= Cx[K * CH + i], c->cx1[i] /= Cx[K * CH + i];
-    }
+    if (grad)
+        for (int i = 0; i < n; i++) { /* C_k / S and C_{k+1} / S */
+            long a = (long)c->idx[i] * CH + i;
+            c->cz0[i] = Cz[a] / Cz[K * CH + i], c->cz1[i] = Cz[a + CH] / Cz[K * CH + i];
+            c->cx0[i] = Cx[a] / Cx[K * CH + i], c->cx1[i] = Cx[a + CH] / Cx[K * CH + i];
+        }
 }
 
-/* The forward values of points r0 .. r0 + n - 1 of one row (buffers as for bin). */
+/* The forward values of points r0 .. r0 + n - 1 of one row (buffers and `grad` as for bin). */
 KR_INLINE void KR_NAME(eval)(const real *restrict z, const real *restrict p, long R, long r0, int n,
-                             int K, real B, real minw, real floor_, real cst, int aff,
+                             int K, real B, real minw, real floor_, real cst, int aff, int grad,
                              chunk *restrict c, real *restrict e, real *restrict C, real *restrict kn) {
-    KR_NAME(bin)(z, 0, p, R, r0, n, K, B, minw, aff, c, e, C, kn);
+    KR_NAME(bin)(z, 0, p, R, r0, n, K, B, minw, aff, grad, c, e, C, kn);
     for (int i = 0; i < n; i++) {
         real d0 = floor_ + KR_NAME(softplus)(c->raw0[i] + cst);
         real d1 = floor_ + KR_NAME(softplus)(c->raw1[i] + cst);
@@ -224,10 +225,12 @@ KR_INLINE void KR_NAME(eval)(const real *restrict z, const real *restrict p, lon
         real above = zi > zc ? 1 : 0, below = zi < zc ? 1 : 0;
         real dout = zi > zc ? d1 : d0;
         real tail = zi - zc;
-        c->d0[i] = d0, c->d1[i] = d1, c->s[i] = s, c->xi[i] = xi;
-        c->xm[i] = (xi_raw >= 0 ? 1 : 0) * (xi_raw <= 1 ? 1 : 0);
-        c->t[i] = t, c->den[i] = den, c->num[i] = num, c->n1[i] = n1;
-        c->above[i] = above, c->below[i] = below, c->tail[i] = tail, c->dout[i] = dout;
+        if (grad) {
+            c->d0[i] = d0, c->d1[i] = d1, c->s[i] = s, c->xi[i] = xi;
+            c->xm[i] = (xi_raw >= 0 ? 1 : 0) * (xi_raw <= 1 ? 1 : 0);
+            c->t[i] = t, c->den[i] = den, c->num[i] = num, c->n1[i] = n1;
+            c->above[i] = above, c->below[i] = below, c->tail[i] = tail, c->dout[i] = dout;
+        }
         c->slope[i] = above + below != 0 ? dout : slope;
         c->x[i] = above + below != 0 ? zc + tail * dout : x;
     }
@@ -271,7 +274,7 @@ void KR_NAME(forward_range)(job *a) {
         const real *p = a->params + l * P * R;
         for (long r0 = a->rb; r0 < a->re; r0 += CH) {
             int n = a->re - r0 < CH ? (int)(a->re - r0) : CH;
-            KR_NAME(eval)(a->z + l * R + r0, p, R, r0, n, K, a->B, a->minw, a->floor_, a->cst, aff, c, e, C, kn);
+            KR_NAME(eval)(a->z + l * R + r0, p, R, r0, n, K, a->B, a->minw, a->floor_, a->cst, aff, 0, c, e, C, kn);
             real *Xo = a->X + l * R + r0, *Lo = a->logd + l * R + r0;
             if (aff) {
                 const real *ap = p + r0;
@@ -308,7 +311,7 @@ void KR_NAME(backward_range)(job *a) {
         real *g = a->gp + l * P * R;
         for (long r0 = a->rb; r0 < a->re; r0 += CH) {
             int n = a->re - r0 < CH ? (int)(a->re - r0) : CH;
-            KR_NAME(eval)(a->z + l * R + r0, p, R, r0, n, K, a->B, a->minw, a->floor_, cst, aff, c, e, C, kn);
+            KR_NAME(eval)(a->z + l * R + r0, p, R, r0, n, K, a->B, a->minw, a->floor_, cst, aff, 1, c, e, C, kn);
             for (int i = 0; i < n; i++) {
                 gx[i] = a->gX ? a->gX[l * R + r0 + i] : 0;
                 gl[i] = a->gL ? a->gL[l * R + r0 + i] : 0;
@@ -396,7 +399,7 @@ void KR_NAME(inverse_range)(job *a) {
             } else {
                 for (int i = 0; i < n; i++) v[i] = x[i];
             }
-            KR_NAME(bin)(v, 1, p, R, r0, n, K, B, a->minw, aff, c, e, C, kn);
+            KR_NAME(bin)(v, 1, p, R, r0, n, K, B, a->minw, aff, 0, c, e, C, kn);
             real *Zo = a->X + l * R + r0, *Lo = a->logd + l * R + r0;
             for (int i = 0; i < n; i++) {
                 real d0 = floor_ + KR_NAME(softplus)(c->raw0[i] + cst);
