@@ -34,20 +34,31 @@ class MaskedLinear(nn.Linear):
     network). Dense libraries (zuko, nflows) multiply those zeros. Same result.
     """
 
-    #: eager batches of at least this many rows use the block products on the CPU (below, one
-    #: product is faster). Compiled code and other devices always take the one dense product:
-    #: compiled, the blocks' slices, concatenation and zero-filled slice gradients cost more than
-    #: the skipped multiply-adds (funnel-10's compiled training step, 2 threads, both in one process:
-    #: 11.9 -> 10.0-10.5 ms at B = 512, 43.4 -> 39.2 ms at 4096); on a GPU the products are
-    #: launch-bound (H100, eager: ~20 µs of host time per kernel against microseconds of
-    #: arithmetic at these widths), and the blocks cost three products, a concatenation and,
-    #: backward, a zero-filled gradient per sliced input instead of one product
+    #: the dense product's multiply-adds (batch rows x out x in) from which eager CPU code takes the
+    #: block products: below, the blocks' three products, concatenation and slice gradients cost
+    #: more than the skipped third of the multiply-adds. Measured (forward_t + backward, 2 threads,
+    #: blocks / dense): 1.61 at 64 x 64 and 1024 rows, 1.21 at 4096 rows, 1.12 at 128 x 128 and
+    #: 1024; 0.98 at 270 x 64 and 4096 (71 M), 0.94 at 256 x 256 and 1024 (67 M), 0.73-0.82 above
+    #: 130 M. In a whole eager training step (funnel-10, 4 layers, B = 4096) the output layers'
+    #: blocks at 71 M still cost 8% (49.8 against 45.9 ms per step with every product dense), and
+    #: with every layer in blocks (the rule before: 1024 rows and up) 16% at B = 1024-4096.
+    #: Compiled code and other devices always take the one dense product: compiled, the blocks'
+    #: slices, concatenation and zero-filled slice gradients cost more than the skipped
+    #: multiply-adds (funnel-10's compiled training step, 2 threads, both in one process: 11.9 ->
+    #: 10.0-10.5 ms at B = 512, 43.4 -> 39.2 ms at 4096); on a GPU the products are launch-bound
+    #: (H100, eager: ~20 µs of host time per kernel against microseconds of arithmetic at these
+    #: widths), and the blocks cost three products, a concatenation and, backward, a zero-filled
+    #: gradient per sliced input instead of one product
+    block_work = 2 ** 27
+    #: the fewest batch rows that take the block products (each layer sets its own from
+    #: :attr:`block_work`, never fewer than this)
     block_rows = 1024
 
     def __init__(self, mask: Tensor, bias: bool = True, blocks: int = 3):
         super().__init__(mask.shape[1], mask.shape[0], bias=bias)
         self.register_buffer("mask", mask.to(self.weight.dtype))
         self.blocks = _prefix_blocks(mask, blocks)
+        self.block_rows = max(MaskedLinear.block_rows, -(-self.block_work // mask.numel()))
 
     def _blocked(self, x: Tensor) -> bool:
         """Whether the points ``x`` ``(*, in)`` take the block products: eager CPU code on

@@ -483,13 +483,16 @@ def test_soft_clamp_is_bound_tanh(impl):
 def test_the_launch_bound_path_matches_the_cpu_path(monkeypatch, impl):
     """What eager code runs on a GPU without Triton (``_native.launch_bound``: one dense product
     per masked layer, the spline's torch operations with running sums by ``cumsum``, the clamp by torch),
-    run on the CPU against the CPU's own path (block products, the C kernels), float64, a batch
-    above ``MaskedLinear.block_rows`` and points beyond the box: values and gradients, and
-    ``log_prob`` (the inverse's knot tables by ``cumsum`` against the C inverse)."""
+    run on the CPU against the CPU's own path (block products, forced at this size, and the C
+    kernels), float64, points beyond the box: values and gradients, and ``log_prob`` (the
+    inverse's knot tables by ``cumsum`` against the C inverse)."""
     torch.manual_seed(3)
     flow = krflows.KRFlow(5, layers=2, hidden=(32, 32)).double()
     for p in flow.parameters():
         torch.nn.init.normal_(p, std=0.3)
+    for m in flow.modules():
+        if isinstance(m, krflows.nn.MaskedLinear):
+            m.block_rows = 1
     z = torch.randn(2 * krflows.nn.MaskedLinear.block_rows + 3, 5, dtype=torch.float64) * 2
 
     def run():
