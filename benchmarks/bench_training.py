@@ -694,7 +694,16 @@ def machine_info(threads: int, device: str = "cpu") -> dict[str, str]:
             "torch threads": f"{threads} intra-op (torch.get_num_threads() = {torch.get_num_threads()})",
             "load average (1/5/15 min) at start": load,
             "OS": platform.platform(),
-            "krflows' eager CPU spline": krflows.transforms._native.status(), **gpu_info(device)}
+            "krflows' eager CPU spline": krflows.transforms._native.status(),
+            "C allocator": allocator_info(), **gpu_info(device)}
+
+
+def allocator_info() -> str:
+    """The allocator policy every library of the run trains under (one process, one policy)."""
+    if krflows.train.keep_freed_memory():
+        return ("glibc, freed memory kept in the process (krflows.train.keep_freed_memory, which "
+                "krflows.fit sets; for every library of the run; KRFLOWS_MALLOC=system: glibc's own)")
+    return "the system's policy (krflows.train.keep_freed_memory not in effect)"
 
 
 def gpu_info(device: str) -> dict[str, str]:
@@ -884,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:  # elapsed seconds first: where a long run spends its time
         print(f"[{time.perf_counter() - started:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    info, vers = machine_info(args.threads, args.device), versions()
+    info, vers = machine_info(args.threads, args.device), versions()  # (sets the allocator policy)
     log(f"triangularity of dT/dz (autograd, one point, d={s.dim}, perturbed parameters):")
     checks = {name: check_triangular(name, s, s.seed) for name in libs}
     for name, c in checks.items():

@@ -64,6 +64,7 @@ from krflows.train import (
     default_warmup,
     defensive_kl,
     defensive_weight,
+    keep_freed_memory,
     temperature,
     warm_start,
     warm_up,
@@ -152,6 +153,7 @@ def fit(
     if objective == "forward_kl" and samples is None:
         raise ValueError("objective='forward_kl' needs target samples: fit(..., samples=x)")
     check_nan_policy(nan)
+    keep_freed_memory()
     target = as_target(target, dim=flow.dim)
     if target.dim != flow.dim:
         raise ValueError(f"the target has dim {target.dim} but the flow has dim {flow.dim}")

@@ -39,6 +39,7 @@ from krflows.train import (
     defensive_kl,
     defensive_weight,
     finite_grads,
+    keep_freed_memory,
     temperature,
     warm_start,
     warn_dropped,
@@ -193,6 +194,7 @@ class KRFlowModule(L.LightningModule):
     # ---- the run ------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        keep_freed_memory()
         if callable(getattr(self.target, "to", None)):  # (log_prob casts dtypes itself)
             self.target.to(device=self.device)
         if self._warmed_up:

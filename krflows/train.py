@@ -10,12 +10,16 @@ r"""The training policies shared by :func:`krflows.fit` and the Lightning module
 * :func:`warn_dropped`: the warning when many samples fall where the target density is zero;
 * :func:`warm_start`: the default, mode-covering start (a tempered warm-up and a mode search;
   with several modes a :class:`ModeMixture` start and the decaying :func:`defensive_kl` term,
-  weighted by :func:`defensive_weight`). Why and what it measured: :mod:`krflows.fit`.
+  weighted by :func:`defensive_weight`). Why and what it measured: :mod:`krflows.fit`;
+* :func:`keep_freed_memory`: the C allocator keeps what a step frees for the next step (glibc).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import platform
 import warnings
 
 import torch
@@ -25,7 +29,8 @@ from krflows.importance import evaluate_target
 from krflows.objectives import Batch, _remember_finite, reverse_kl
 
 __all__ = ["default_warmup", "warm_up", "temperature", "adam", "adam_cosine", "finite_grads", "clipped_step",
-           "warn_dropped", "warm_start", "ModeMixture", "defensive_kl", "defensive_weight"]
+           "warn_dropped", "warm_start", "ModeMixture", "defensive_kl", "defensive_weight",
+           "keep_freed_memory"]
 
 
 def default_warmup(steps: int) -> int:
@@ -73,6 +78,57 @@ def clipped_step(opt: torch.optim.Optimizer, params: list[Tensor], clip: float) 
         return math.nan
     opt.step()
     return norm
+
+
+# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20  # the most glibc's mallopt accepts (HEAP_MAX_SIZE / 2 on 64-bit)
+_TRIM_THRESHOLD = 1 << 30
+_kept: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Lets the C allocator keep the memory a training step frees for the next step, instead of
+    returning it to the system and taking it back, one page fault per 4 KiB, at the next step.
+    Called by :func:`krflows.fit` and the Lightning module's ``on_fit_start`` (so ``krflows
+    fit`` too); call it yourself before a training loop of your own (e.g. Pyro's SVI). Returns
+    whether the setting is in effect.
+
+    Why: torch has no caching allocator on the CPU; every tensor of a step comes from ``malloc``
+    and goes back to it. glibc serves blocks above a threshold (128 KiB at first, raised to the
+    largest block freed so far, at most 32 MiB) by ``mmap`` and trims the top of its heap when
+    more than twice that threshold is free there, so a step whose working set is larger than
+    what the process happened to free before gets its memory from the kernel again at every
+    step, each page zeroed on its first write. Measured on a 2-core VM, ``fit`` with and without
+    this setting (system CPU time, the kernel's side of a fault, which wall time on a shared host
+    hides in its noise): ``KRFlow(300)`` at B = 256 5300 page faults and 10.9 ms of system time
+    per step (of a ~70 ms step) against 3 and 0.25 ms; ``KRFlow(100)`` 1800 and 6.0 ms against 1
+    and 0.2 ms; ``KRFlow(10)`` at B = 4096 2500 and 5.5 ms against 36 and 0.5 ms.
+
+    What it does: on Linux with glibc, ``mallopt(M_MMAP_THRESHOLD, 32 MiB)`` (blocks up to
+    32 MiB come from the heap) and ``mallopt(M_TRIM_THRESHOLD, 1 GiB)`` (up to 1 GiB free at the
+    heap's top stays in the process: a process keeps at most the peak it already reached). The
+    settings are the process's and stay after training. Nothing happens elsewhere (another OS or
+    C library), with another allocator preloaded (``LD_PRELOAD`` naming jemalloc, tcmalloc or
+    mimalloc), where ``GLIBC_TUNABLES`` already sets a ``glibc.malloc`` parameter, or with
+    ``KRFLOWS_MALLOC=system`` in the environment (glibc's own policy).
+    """
+    global _kept
+    if _kept is None:
+        _kept = False
+        preload = os.environ.get("LD_PRELOAD", "")
+        if (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+                and os.environ.get("KRFLOWS_MALLOC", "") != "system"
+                and "glibc.malloc" not in os.environ.get("GLIBC_TUNABLES", "")
+                and not any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc"))):
+            try:
+                mallopt = ctypes.CDLL(None).mallopt
+            except (OSError, AttributeError):
+                return False
+            mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+            _kept = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                         and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return _kept
 
 
 def warm_up(flow, target, steps: int = 200, batch_size: int = 256, lr: float = 5e-2,

@@ -1,6 +1,10 @@
 """Training: the Gaussian oracle (pointwise KR map), quality budgets, non-finite targets."""
 
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -278,3 +282,37 @@ def test_finite_grads_and_clipped_step():
     a.grad = torch.full((3,), 1e30)  # finite, but the norm overflows float32: clipped and stepped
     assert clipped_step(opt, [a, b, c], 1.0) == math.inf
     assert torch.isfinite(a).all() and not torch.equal(a.detach(), before)
+
+
+_FAULTS = """
+import resource, torch
+from krflows.train import keep_freed_memory
+kept = keep_freed_memory()
+def step():  # a working set of 64 MiB in blocks of 1 MiB, allocated, written and freed
+    blocks = [torch.ones(1 << 18) for _ in range(64)]
+    del blocks
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_keep_freed_memory_stops_the_page_faults_of_a_repeated_working_set():
+    # The kernel's count of minor page faults is the oracle: with glibc's own policy, the 64 MiB
+    # freed at the top of the heap go back to the system and fault in again at every "step".
+    def faults(**env):
+        out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True,
+                             env={**os.environ, "GLIBC_TUNABLES": "", **env}).stdout.split()
+        return out[0] == "True", float(out[1])
+
+    kept, tuned = faults(KRFLOWS_MALLOC="")
+    not_kept, system = faults(KRFLOWS_MALLOC="system")
+    assert kept and not not_kept
+    import resource  # (Unix only)
+
+    pages = 64 * (1 << 20) // resource.getpagesize()
+    assert tuned < 0.05 * pages, tuned  # measured: 64 of 16384 (one per block)
+    assert system > 10 * max(tuned, 1.0), (system, tuned)
