@@ -303,16 +303,17 @@ print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
 def test_keep_freed_memory_stops_the_page_faults_of_a_repeated_working_set():
     # The kernel's count of minor page faults is the oracle: with glibc's own policy, the 64 MiB
     # freed at the top of the heap go back to the system and fault in again at every "step".
+    import resource  # (Unix only)
+
     def faults(**env):
+        env = {**os.environ, "GLIBC_TUNABLES": "", "LD_PRELOAD": "", **env}
         out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True,
-                             env={**os.environ, "GLIBC_TUNABLES": "", **env}).stdout.split()
+                             env=env).stdout.split()
         return out[0] == "True", float(out[1])
 
     kept, tuned = faults(KRFLOWS_MALLOC="")
     not_kept, system = faults(KRFLOWS_MALLOC="system")
     assert kept and not not_kept
-    import resource  # (Unix only)
-
     pages = 64 * (1 << 20) // resource.getpagesize()
     assert tuned < 0.05 * pages, tuned  # measured: 64 of 16384 (one per block)
     assert system > 10 * max(tuned, 1.0), (system, tuned)
