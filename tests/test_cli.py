@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from krflows.cli import main
+from krflows.cli import PROGRESS_EVERY, KRFlowCLI, main
 
 TINY = ["--model.layers", "1", "--model.hidden", "[8]", "--model.batch_size", "64", "--model.warmup", "2",
         "--report.n_samples", "500", "--plots.n_samples", "200", "--trainer.enable_progress_bar", "false",
@@ -129,6 +129,17 @@ def test_timestamped_runs_get_a_suffix(tmp_path, monkeypatch):
     for _ in range(2):
         run(*TINY, "--root_dir", str(tmp_path), "--trainer.max_steps", "1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["20260101-000000", "20260101-000000-1"]
+
+
+def test_the_default_progress_bar_redraws_every_ten_steps_unless_the_run_chooses(tmp_path, monkeypatch):
+    bars = []
+    monkeypatch.setattr(KRFlowCLI, "after_fit", lambda self: bars.append(self.trainer.progress_bar_callback))
+    i = TINY.index("--trainer.enable_progress_bar")
+    with_bar = [*TINY[:i], *TINY[i + 2:], "--root_dir", str(tmp_path), "--trainer.max_steps", "2"]
+    run(*with_bar)
+    run(*TINY, "--root_dir", str(tmp_path), "--trainer.max_steps", "2")
+    run(*with_bar, "--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate=3")
+    assert [None if b is None else b.refresh_rate for b in bars] == [PROGRESS_EVERY, None, 3]
 
 
 def test_resume_refuses_conflicting_model_options(tmp_path, capsys):
