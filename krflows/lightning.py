@@ -238,9 +238,10 @@ class KRFlowModule(L.LightningModule):
     def _logs_written(self) -> bool:
         """Whether Lightning writes this step's logs (every ``log_every_n_steps`` steps; its own
         test, read before the step as it reads it). The module logs its losses on those steps
-        only: Lightning's bookkeeping of one ``self.log`` call (it moves the metric's state to
-        the value's device at every call) cost ~0.25 ms here, and the steps in between write
-        nothing. True where the trainer cannot tell."""
+        only: Lightning's bookkeeping of a ``self.log`` call (it moves the metric's state to the
+        value's device at every call) cost ~0.5 ms here (1000 steps of the CLI's default model:
+        10.5 s logging every step, 9.4 s on these), and the steps in between write nothing.
+        True where the trainer cannot tell."""
         trainer = self._trainer
         connector = getattr(trainer, "_logger_connector", None)
         if connector is None:
