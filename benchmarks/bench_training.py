@@ -62,14 +62,16 @@ from torch import Tensor
 import krflows
 from krflows.diagnostics import ess
 
-LIBRARIES = ("krflows", "krflows-compile", "krflows-compile-cg", "zuko", "zuko-compile", "nflows", "pyro")
+LIBRARIES = ("krflows", "krflows-compile", "krflows-compile-cg", "zuko", "zuko-compile", "zuko-compile-cg",
+             "nflows", "pyro")
 # torch.compile'd hot paths; not in --quick's default
-COMPILED = ("krflows-compile", "krflows-compile-cg", "zuko-compile")
-CUDA_ONLY = ("krflows-compile-cg",)  # CUDA graphs (mode="reduce-overhead"): not in a CPU run's default
+COMPILED = ("krflows-compile", "krflows-compile-cg", "zuko-compile", "zuko-compile-cg")
+# CUDA graphs (mode="reduce-overhead"): not in a CPU run's default
+CUDA_ONLY = ("krflows-compile-cg", "zuko-compile-cg")
 # (numerator, denominator) of the ratio columns
 RATIOS = (("krflows", "zuko"), ("krflows", "nflows"), ("krflows", "pyro"),
           ("krflows-compile", "zuko"), ("krflows-compile", "zuko-compile"),
-          ("krflows-compile-cg", "zuko-compile"))
+          ("krflows-compile-cg", "zuko-compile"), ("krflows-compile-cg", "zuko-compile-cg"))
 FLOOR = "mlp-floor"  # the conditioner MLPs alone, timed with the libraries (see `FloorTrainer`)
 FLOOR_COMPILED = "mlp-floor-compile"  # the same under torch.compile: the floor of krflows-compile
 BIMODAL_WEIGHTS = (0.3, 0.7)
@@ -266,9 +268,23 @@ def build_krflows_cudagraphs(d: int, s: Settings) -> Model:
     return replace(model, name="krflows-compile-cg")
 
 
+def build_zuko_cudagraphs(d: int, s: Settings) -> Model:
+    """zuko's hot path under ``torch.compile(mode="reduce-overhead")``: the like-for-like reference
+    for ``krflows-compile-cg`` (CUDA graphs hide the host's launch time of both libraries)."""
+    model = build_zuko(d, s)
+    flow = model.module
+    sample = torch.compile(lambda n: flow().rsample_and_log_prob((n,)), mode="reduce-overhead",
+                           dynamic=s.dynamic)
+    return Model("zuko-compile-cg", flow, sample, model.sample_map, model.log_prob)
+
+
 BUILDERS["krflows-compile-cg"] = build_krflows_cudagraphs
+BUILDERS["zuko-compile-cg"] = build_zuko_cudagraphs
 CONSTRUCTION["krflows-compile-cg"] = ("the krflows flow after `flow.compile(mode='reduce-overhead')` "
                                       "(inductor and CUDA graphs; CUDA only)")
+CONSTRUCTION["zuko-compile-cg"] = ("the zuko flow above with `torch.compile(lambda n: "
+                                   "flow().rsample_and_log_prob((n,)), mode='reduce-overhead')` "
+                                   "(inductor and CUDA graphs; CUDA only)")
 
 
 def build(name: str, d: int, s: Settings, seed: int) -> Model:

@@ -42,6 +42,7 @@ class _Sampler:
 
     @torch.no_grad()
     def step(self):
+        bt.cudagraph_step(self.model)  # CUDA graphs (-cg): a new iteration
         self.model.rsample_and_log_prob(self.batch)
 
 

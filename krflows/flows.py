@@ -260,8 +260,10 @@ class KRFlow(nn.Module):
         50-58 ms eager at B = 4096, about even at B = 512) and for sampling and :meth:`log_prob`
         throughput. On a GPU, ``mode="reduce-overhead"`` (CUDA graphs) would remove the launch
         overhead that bounds small batches, but with torch 2.11 on an H100 it crashed the process (a
-        segfault, which no fallback catches) in the compiled backward (benchmarks/RESULTS_gpu.md):
-        keep the default mode there for training. Compilation is paid on first use and once more at
+        segfault, which no fallback catches) in the compiled backward, and zuko's compiled backward
+        in the same way (benchmarks/RESULTS_gpu.md: torch's defect, not the flow's): keep the
+        default mode there for training. Sampling under CUDA graphs ran (1.43x compiled zuko's
+        samples/s at B = 65536, both with CUDA graphs). Compilation is paid on first use and once more at
         the second batch shape (a dynamic-shape graph, which then serves every shape; ``dynamic=True``
         compiles that one directly): ``d = 10``, 4 layers, cold, 2-core CPU: 28 s for sampling with
         its backward and 38 s for :meth:`log_prob` (the inverse's ``d`` passes per layer, unrolled);
