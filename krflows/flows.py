@@ -274,6 +274,11 @@ class KRFlow(nn.Module):
         :func:`torch.compile` (e.g. ``dynamic=True``, ``mode=...``). This overrides
         :meth:`torch.nn.Module.compile`, which would compile only :meth:`forward`.
         """
+        if options.get("mode") in ("reduce-overhead", "max-autotune"):  # modes with CUDA graphs
+            warnings.warn(f"KRFlow.compile(mode={options['mode']!r}) runs CUDA graphs on CUDA devices: with "
+                          "torch 2.11 on an H100 a training step's compiled backward segfaulted under them "
+                          "(zuko's too; benchmarks/RESULTS_gpu.md), while sampling ran. Train with the "
+                          "default mode unless your torch is known to work.", stacklevel=2)
         self._compile_options = dict(options)
         _native.status()  # builds or loads the spline's C kernels now: traced code only reads that they exist
         if torch.cuda.is_available():

@@ -344,3 +344,16 @@ def test_transform_checks_its_input_like_log_prob(order):
 def test_families_built_directly_check_their_options(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_with_cuda_graphs_warns_about_training(monkeypatch, mode):
+    """The CUDA-graph modes segfaulted in a compiled backward with torch 2.11 (krflows' and zuko's,
+    benchmarks/RESULTS_gpu.md): compile() says so when asked for them; the default mode is silent."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    with pytest.warns(UserWarning, match="CUDA graphs.*segfaulted.*default mode"):
+        krflows.KRFlow(2, layers=1, hidden=(8,)).compile(mode=mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        krflows.KRFlow(2, layers=1, hidden=(8,)).compile(mode="max-autotune-no-cudagraphs")
+        krflows.KRFlow(2, layers=1, hidden=(8,)).compile()
