@@ -139,14 +139,17 @@ def build_krflows_compiled(d: int, s: Settings) -> Model:
     return replace(model, name="krflows-compile")
 
 
-def build_zuko_compiled(d: int, s: Settings) -> Model:
+def build_zuko_compiled(d: int, s: Settings, mode: str | None = None) -> Model:
     """zuko's flow with its training hot path wrapped in ``torch.compile`` (one line for a zuko
     user): the fair reference for krflows' compiled training step. Its ``log_prob`` (``d``
-    fixed-point passes per layer) stays eager: compiling the unrolled passes took minutes."""
+    fixed-point passes per layer) stays eager: compiling the unrolled passes took minutes.
+    ``mode="reduce-overhead"``: ``zuko-compile-cg``, the reference for ``krflows-compile-cg``
+    (CUDA graphs hide the host's launch time of both libraries)."""
     model = build_zuko(d, s)
     flow = model.module
-    sample = torch.compile(lambda n: flow().rsample_and_log_prob((n,)), dynamic=s.dynamic)
-    return Model("zuko-compile", flow, sample, model.sample_map, model.log_prob)
+    sample = torch.compile(lambda n: flow().rsample_and_log_prob((n,)), mode=mode, dynamic=s.dynamic)
+    name = "zuko-compile-cg" if mode else "zuko-compile"
+    return Model(name, flow, sample, model.sample_map, model.log_prob)
 
 
 def build_zuko(d: int, s: Settings) -> Model:
@@ -268,18 +271,8 @@ def build_krflows_cudagraphs(d: int, s: Settings) -> Model:
     return replace(model, name="krflows-compile-cg")
 
 
-def build_zuko_cudagraphs(d: int, s: Settings) -> Model:
-    """zuko's hot path under ``torch.compile(mode="reduce-overhead")``: the like-for-like reference
-    for ``krflows-compile-cg`` (CUDA graphs hide the host's launch time of both libraries)."""
-    model = build_zuko(d, s)
-    flow = model.module
-    sample = torch.compile(lambda n: flow().rsample_and_log_prob((n,)), mode="reduce-overhead",
-                           dynamic=s.dynamic)
-    return Model("zuko-compile-cg", flow, sample, model.sample_map, model.log_prob)
-
-
 BUILDERS["krflows-compile-cg"] = build_krflows_cudagraphs
-BUILDERS["zuko-compile-cg"] = build_zuko_cudagraphs
+BUILDERS["zuko-compile-cg"] = partial(build_zuko_compiled, mode="reduce-overhead")
 CONSTRUCTION["krflows-compile-cg"] = ("the krflows flow after `flow.compile(mode='reduce-overhead')` "
                                       "(inductor and CUDA graphs; CUDA only)")
 CONSTRUCTION["zuko-compile-cg"] = ("the zuko flow above with `torch.compile(lambda n: "

@@ -10,7 +10,7 @@
 # three timed runs. Set GPU_CHECK_*_TIMEOUT to fit a lease.
 #
 #   bash benchmarks/gpu_check.sh                 # on a GPU machine, from the repository root
-#   bash benchmarks/gpu_check.sh --dry-run       # the same steps on the CPU, tiny budgets (~3 min)
+#   bash benchmarks/gpu_check.sh --dry-run       # the same steps on the CPU, tiny budgets (~2 min)
 #   bash benchmarks/gpu_check.sh --out PATH      # another report file
 #
 # Needs krflows[bench] installed (zuko, nflows) in the Python that $PYTHON names (default
