@@ -64,6 +64,9 @@ FAILED=0
 
 BG=()         # the steps running in the background
 
+# since START [FORMAT]: seconds elapsed since START (a `date +%s.%N` reading), printed with FORMAT
+since() { awk -v a="$1" -v b="$(date +%s.%N)" -v f="${2:-%.1f}" 'BEGIN { printf f, b - a }'; }
+
 # start_step NAME CMD...: runs CMD in the background, its output in $WORK/NAME.log; wait_steps
 # records it. For the untimed steps only (they share the GPU and the CPU with each other).
 start_step() {
@@ -72,7 +75,7 @@ start_step() {
   (
     start=$(date +%s.%N)
     if "$@" > "$WORK/$name.log" 2>&1; then status=ok; else status="FAILED (exit $?)"; fi
-    secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    secs=$(since "$start")
     printf '%s\n%s\n' "$secs" "$status" > "$WORK/$name.status"
   ) &
   BG+=("$name")
@@ -95,12 +98,11 @@ wait_steps() {
 # and records its wall time; a failure is recorded, not fatal.
 run_step() {
   local name="$1"; shift
-  local start end secs status
+  local start secs status
   echo "=== [gpu_check] $name: $*"
   start=$(date +%s.%N)
   if "$@" 2>&1 | tee "$WORK/$name.log"; then status=ok; else status="FAILED (exit ${PIPESTATUS[0]})"; FAILED=1; fi
-  end=$(date +%s.%N)
-  secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
+  secs=$(since "$start")
   echo "=== [gpu_check] $name: $status in $secs s"
   STEPS+=("| $name | $secs | $status |")
 }
@@ -152,7 +154,7 @@ if [[ ${#BENCH_CUDAGRAPHS[@]} -gt 0 ]]; then
     "${BENCH_CUDAGRAPHS[@]}" --only throughput --out "$WORK/benchmark_cudagraphs.md"
   RUNS+=(benchmark_cudagraphs)
 fi
-TOTAL=$(awk -v a="$TOTAL_START" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }')
+TOTAL=$(since "$TOTAL_START" %.0f)
 
 if [[ $DRY == 1 ]]; then
   CARD="none (--dry-run on the CPU)"
