@@ -62,16 +62,20 @@ from torch import Tensor
 import krflows
 from krflows.diagnostics import ess
 
-LIBRARIES = ("krflows", "krflows-compile", "krflows-compile-cg", "zuko", "zuko-compile", "zuko-compile-cg",
-             "nflows", "pyro")
+LIBRARIES = ("krflows", "krflows-compile", "krflows-compile-cg", "krflows-unfolded",
+             "krflows-compile-unfolded", "zuko", "zuko-compile", "zuko-compile-cg", "nflows", "pyro")
 # torch.compile'd hot paths; not in --quick's default
-COMPILED = ("krflows-compile", "krflows-compile-cg", "zuko-compile", "zuko-compile-cg")
+COMPILED = ("krflows-compile", "krflows-compile-cg", "krflows-compile-unfolded", "zuko-compile",
+            "zuko-compile-cg")
 # CUDA graphs (mode="reduce-overhead"): not in a CPU run's default
 CUDA_ONLY = ("krflows-compile-cg", "zuko-compile-cg")
+# krflows without one of its optimizations, for an A/B in one process: only when named in --libs
+AB_ONLY = ("krflows-unfolded", "krflows-compile-unfolded")
 # (numerator, denominator) of the ratio columns
 RATIOS = (("krflows", "zuko"), ("krflows", "nflows"), ("krflows", "pyro"),
           ("krflows-compile", "zuko"), ("krflows-compile", "zuko-compile"),
-          ("krflows-compile-cg", "zuko-compile"), ("krflows-compile-cg", "zuko-compile-cg"))
+          ("krflows-compile-cg", "zuko-compile"), ("krflows-compile-cg", "zuko-compile-cg"),
+          ("krflows", "krflows-unfolded"), ("krflows-compile", "krflows-compile-unfolded"))
 FLOOR = "mlp-floor"  # the conditioner MLPs alone, timed with the libraries (see `FloorTrainer`)
 FLOOR_COMPILED = "mlp-floor-compile"  # the same under torch.compile: the floor of krflows-compile
 BIMODAL_WEIGHTS = (0.3, 0.7)
@@ -271,6 +275,22 @@ def build_krflows_cudagraphs(d: int, s: Settings) -> Model:
     return replace(model, name="krflows-compile-cg")
 
 
+def build_krflows_unfolded(d: int, s: Settings, compiled: bool = False) -> Model:
+    """The krflows flow whose spline does not fold the conditioners' output bias and soft clamp into
+    its kernels (``Spline.folds`` off: they run as the conditioner's own operations, as before the
+    fold): the A/B of that fold, eager and compiled (compiled CPU code does not fold anyway)."""
+    model = build_krflows(d, s)
+    model.module.family.folds = lambda z: False
+    if compiled:
+        model.module.compile(dynamic=s.dynamic)
+    return replace(model, name="krflows-compile-unfolded" if compiled else "krflows-unfolded")
+
+
+BUILDERS["krflows-unfolded"] = build_krflows_unfolded
+BUILDERS["krflows-compile-unfolded"] = partial(build_krflows_unfolded, compiled=True)
+CONSTRUCTION["krflows-unfolded"] = ("the krflows flow with `flow.family.folds = lambda z: False`: the "
+                                    "conditioners' output bias and clamp as their own operations")
+CONSTRUCTION["krflows-compile-unfolded"] = "`krflows-unfolded` after `flow.compile()`"
 BUILDERS["krflows-compile-cg"] = build_krflows_cudagraphs
 BUILDERS["zuko-compile-cg"] = partial(build_zuko_compiled, mode="reduce-overhead")
 CONSTRUCTION["krflows-compile-cg"] = ("the krflows flow after `flow.compile(mode='reduce-overhead')` "
@@ -834,8 +854,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "runs much faster than 2 threads fighting over its cores)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
                    help="markdown file to (over)write (default benchmarks/RESULTS.md)")
-    p.add_argument("--libs", help=f"comma-separated subset of {','.join(LIBRARIES)} (default: all; "
-                                  f"with --quick, all but the compiled ones: {','.join(COMPILED)})")
+    p.add_argument("--libs", help=f"comma-separated subset of {','.join(LIBRARIES)} (default: all but "
+                                  f"the A/B ones, {','.join(AB_ONLY)}, and off CUDA the CUDA-graph ones; "
+                                  f"with --quick also not the compiled ones: {','.join(COMPILED)})")
     p.add_argument("--no-memory", action="store_true", help="skip the per-library memory subprocesses")
     p.add_argument("--seed", type=int, default=0, help="seed of every initialisation and training run")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
@@ -888,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_probe(args.memory_probe, s)))
         return 0
     if args.libs is None:
-        args.libs = ",".join(n for n in LIBRARIES if not (args.quick and n in COMPILED)
+        args.libs = ",".join(n for n in LIBRARIES if not (args.quick and n in COMPILED) and n not in AB_ONLY
                              and not (args.device != "cuda" and n in CUDA_ONLY))
     libs = [n.strip() for n in args.libs.split(",") if n.strip()]
     unknown = sorted(set(libs) - set(LIBRARIES))

@@ -74,14 +74,15 @@ class MaskedLinear(nn.Linear):
         return torch.cat([F.linear(x[..., :p], w[r0:r1, :p], bias[r0:r1])
                           for r0, r1, p in self.blocks], -1)
 
-    def forward_t(self, x: Tensor) -> Tensor:
+    def forward_t(self, x: Tensor, bias: bool = True) -> Tensor:
         """The same map, transposed: ``x (n, in) -> (out, n)``, i.e. ``forward(x).T`` laid out
-        contiguously, at the cost of ``forward`` (the product with a transposed operand)."""
+        contiguously, at the cost of ``forward`` (the product with a transposed operand); without
+        the bias with ``bias=False``."""
         w = self.weight * self.mask
-        bias = (self.bias if self.bias is not None else w.new_zeros(w.shape[0])).unsqueeze(-1)
         if not self._blocked(x):
-            return torch.addmm(bias, w, x.T)
-        return _BlockedLinearT.apply(x, w, bias, self.blocks)
+            return torch.addmm(self.bias.unsqueeze(-1), w, x.T) if bias and self.bias is not None else w @ x.T
+        b = self.bias if bias and self.bias is not None else w.new_zeros(w.shape[0])
+        return _BlockedLinearT.apply(x, w, b.unsqueeze(-1), self.blocks)
 
 
 class _BlockedLinearT(torch.autograd.Function):
@@ -196,7 +197,9 @@ class MaskedMLP(nn.Module):
             (otherwise the row-major product, which the compiler's own fused loops prefer).
             The values are the same either way.
 
-    The output layer starts at zero, so the parameters start at zero.
+    The output layer starts at zero, so the parameters start at zero. :meth:`raw` hands out the
+    output before the output layer's bias and the clamp, for a family that applies those itself
+    as it reads the output (the spline's kernels: :meth:`krflows.transforms.Spline.forward_raw`).
 
     Example:
         >>> net = MaskedMLP(3, n_params=2, hidden=(16,))
@@ -250,6 +253,17 @@ class MaskedMLP(nn.Module):
         out = self._clamp(self.out.forward_t(h))
         return out.view(self.dim, self.n_params, h.shape[0]).permute(2, 0, 1).reshape(
             *z.shape[:-1], self.dim, self.n_params)
+
+    def raw(self, z: Tensor) -> tuple[Tensor, Tensor | None, float]:
+        """``(out, bias, bound)``: the output before the output layer's bias and the soft clamp, as
+        the parameter-major ``(*, d, P)`` view :meth:`forward` returns, the bias ``(d, P)`` and the
+        bound, so that ``self(z)`` is ``bound * tanh((out + bias) / bound)``. For a family that adds
+        and clamps as it reads (:meth:`krflows.transforms.Spline.forward_raw`), which saves two
+        passes over the whole output each way."""
+        h = self.hidden(z.reshape(-1, self.dim))
+        out = self.out.forward_t(h, bias=False).view(self.dim, self.n_params, h.shape[0])
+        bias = None if self.out.bias is None else self.out.bias.view(self.dim, self.n_params)
+        return out.permute(2, 0, 1).reshape(*z.shape[:-1], self.dim, self.n_params), bias, self.bound
 
     def coordinate(self, z_head: Tensor, i: int) -> Tensor:
         r"""The parameters of coordinate ``i`` alone, ``(*, P)``, from ``z_head = z[..., :i]``.

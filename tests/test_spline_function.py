@@ -18,7 +18,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import krflows
 from krflows.nn import MaskedMLP
 from krflows.transforms import _native
-from krflows.transforms.monotone import Spline
+from krflows.transforms.monotone import Spline, _SplineForward
 
 
 @pytest.fixture(params=["kernel", "ops"], autouse=True)
@@ -139,6 +139,54 @@ def test_double_backward_is_exact(major):
     assert gradgradcheck(fam.forward, (z, params), fast_mode=True)
 
 
+def _pm(t):
+    """``t (n, d, P)`` as a parameter-major view, the layout :meth:`MaskedMLP.raw` returns."""
+    return t.detach().permute(1, 2, 0).contiguous().permute(2, 0, 1).requires_grad_()
+
+
+@pytest.mark.parametrize("case", [dict(bins=8), dict(bins=3, affine=False)], ids=str)
+def test_forward_raw_is_the_forward_of_the_clamped_output(case, impl):
+    """``Spline.forward_raw`` (with the kernel: the conditioner's bias and soft clamp folded into the
+    kernels' reads, forward and backward) against the plain operations on ``b tanh((raw + bias) / b)``
+    by torch, float64: values, the gradients of the points, the raw output and the bias by autograd,
+    finite differences (``gradcheck``) and second derivatives (``gradgradcheck``) off the knots."""
+    fam, z, params = _case(**case)
+    g = torch.Generator().manual_seed(7)
+    raw = _pm(params * 4)  # far beyond the bound: the clamp saturates
+    bias = torch.randn(params.shape[-2:], generator=g, dtype=torch.float64).requires_grad_()
+    bound = 4.0
+    assert fam.folds(z) == (impl == "kernel") and _SplineForward.param_major(raw)
+    got = fam.forward_raw(z, raw, bias, bound)
+    ref = fam._forward_ops(z, bound * torch.tanh((raw + bias) / bound))
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+    seeds = [torch.randn(z.shape, generator=g, dtype=torch.float64) for _ in range(2)]
+    keep = slice(4, -4)  # off the knots and the exact box edges (kinks of log f')
+    a, b = (torch.autograd.grad([o[keep] for o in outs], (z, raw, bias), [s[keep] for s in seeds])
+            for outs in (got, ref))
+    for ga, gb in zip(a, b, strict=True):
+        assert (ga - gb).abs().max() <= 1e-9 * (gb.abs().max() + 1)
+    zk, rk = z[4:9].detach().requires_grad_(), _pm(raw[4:9])
+    assert gradcheck(lambda v, r, c: fam.forward_raw(v, r, c, bound), (zk, rk, bias))
+    assert gradgradcheck(lambda v, r, c: fam.forward_raw(v, r, c, bound), (zk, rk, bias), fast_mode=True)
+
+
+def test_masked_mlp_raw_is_its_output_before_bias_and_clamp():
+    net = MaskedMLP(4, 5, (64, 64)).double()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    for n, block_rows in ((7, 1024), (7, 1)):  # dense and block products
+        for m in (net.hidden[0], net.hidden[2], net.out):
+            m.block_rows = block_rows
+        z = torch.randn(n, 4, dtype=torch.float64)
+        out, bias, bound = net.raw(z)
+        assert out.shape == (n, 4, 5) and bias.shape == (4, 5) and bound == net.bound
+        assert _SplineForward.param_major(out)
+        assert torch.allclose(net(z), bound * torch.tanh((out + bias) / bound), rtol=1e-12, atol=1e-13)
+    out = net.raw(torch.randn(2, 3, 4, dtype=torch.float64))[0]
+    assert out.shape == (2, 3, 4, 5) and _SplineForward.param_major(out)
+
+
 def test_broadcast_parameters():
     """One parameter vector for many points (as ``MaskedMLP.coordinate`` gives coordinate 0)."""
     fam, z, params = _case(n=10, d=1)
@@ -182,6 +230,7 @@ def test_flow_training_gradient_matches_the_plain_path(monkeypatch):
 
     got = grads()
     monkeypatch.setattr(Spline, "forward", Spline._forward_ops)
+    monkeypatch.setattr(Spline, "folds", lambda self, z: False)  # the conditioner's own bias and clamp
     ref = grads()
     for a, b in zip(got, ref, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
@@ -407,26 +456,42 @@ def test_operator_passes_torch_s_custom_op_checks(impl):
     fam, z, params = _case(n=8, d=2)
     pt, zt = params.detach().permute(1, 2, 0).contiguous(), z.detach().T.contiguous()
     spec = (fam.bins, fam.bound, fam.min_width, fam.min_slope, fam.affine)
+    bias = torch.randn(pt.shape[:2], dtype=pt.dtype, requires_grad=True)
     for inverse in (False, True):
-        torch.library.opcheck(_native.spline_op, (zt.requires_grad_(), pt.requires_grad_(), *spec, inverse))
+        for fold in ((None, 0.0), (bias, 4.0), (None, 4.0), (bias, 0.0)):  # plain; folded in (forward_raw)
+            torch.library.opcheck(_native.spline_op, (zt.requires_grad_(), pt.requires_grad_(), *fold, *spec,
+                                                      inverse))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["kernel"], indirect=True)
-def test_compiled_flow_calls_the_kernels(monkeypatch, impl):
+@pytest.mark.parametrize("fold", [False, True], ids=["cpu", "folded"])
+def test_compiled_flow_calls_the_kernels(monkeypatch, impl, fold):
     """Under ``flow.compile()`` on the CPU the spline is the C kernels (as custom operators), not
     traced operations: one forward and one backward kernel call per layer and training step, one
-    inverse per coordinate and layer for ``log_prob``; values and gradients as the eager flow's."""
+    inverse per coordinate and layer for ``log_prob``; values and gradients as the eager flow's.
+    ``folded``: the operators with the conditioner's bias and clamp folded in, as compiled code on
+    CUDA devices calls them (``Spline.folds``), forced here on the CPU."""
+    if fold:  # dynamo does not guard a class's methods: compile afresh
+        monkeypatch.setattr(Spline, "folds", lambda self, z: z.dim() >= 2 and _native.available(z))
+        torch._dynamo.reset()
     torch.manual_seed(0)
     eager = krflows.KRFlow(3, layers=2, hidden=(8,))
     for p in eager.parameters():
         torch.nn.init.normal_(p, std=0.3)
     compiled = copy.deepcopy(eager).compile(dynamic=False)
-    calls = []
+    calls, folded = [], []
+
+    def spy(real, name):
+        def call(*a):  # (lib, points, params, [grads,] fam, [name, bias, clamp]), by position
+            calls.append(a[4] if name == "forward" and len(a) > 4 else name)
+            bias, clamp = (a[5:7] if name == "forward" else a[6:8]) or (None, 0.0)
+            folded.append(bias is not None or clamp > 0)
+            return real(*a)
+        return call
+
     for name in ("forward", "backward"):
-        real = getattr(_native, name)
-        monkeypatch.setattr(_native, name, lambda *a, _f=real, _n=name, **k: calls.append(
-            a[4] if _n == "forward" and len(a) > 4 else _n) or _f(*a, **k))
+        monkeypatch.setattr(_native, name, spy(getattr(_native, name), name))
 
     def step(flow):
         torch.manual_seed(1)
@@ -436,9 +501,11 @@ def test_compiled_flow_calls_the_kernels(monkeypatch, impl):
 
     ref = step(eager)
     calls.clear()
+    folded.clear()
     torch._dynamo.utils.counters.clear()
     got = step(compiled)
     assert calls.count("forward") + calls.count("inverse") == 2 and calls.count("backward") == 2, calls
+    assert folded == [fold] * 4  # forward and backward of both layers, with the bias and clamp or without
     # nothing eager-only (a ctypes call, data_ptr) was traced into a graph break, nor the base's
     # argument validation (it broke the graph once after some other compiled tests in the same
     # process: the base is built without validation now)

@@ -66,17 +66,22 @@ FAMILIES = [Spline(bins=8, bound=5.0), Spline(bins=8, bound=5.0, affine=False),
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=["K8", "K8-no-affine", "K3-floors", "K1"])
 def test_triton_kernels_match_the_c_kernels_in_float64(tri, clib, fam):
+    """Also with a conditioner's bias and soft clamp folded in (``Spline.forward_raw``), each alone
+    and both, on parameters far beyond the clamp's bound."""
     zt, pt = _case(fam, torch.float64)
-    for name in ("forward", "inverse"):
-        for got, want in zip(tri.forward(zt, pt, fam, name), _native.forward(clib, zt, pt, fam, name),
-                             strict=True):
-            _close(got, want, 1e-10)
     g = torch.Generator().manual_seed(1)
-    gX, gL = (torch.randn(zt.shape, generator=g, dtype=torch.float64) for _ in range(2))
-    for grads in ((gX, gL), (None, gL), (gX, None)):
-        for got, want in zip(tri.backward(zt, pt, *grads, fam), _native.backward(clib, zt, pt, *grads, fam),
-                             strict=True):
-            _close(got, want, 1e-10)
+    bias = torch.randn(pt.shape[:2], generator=g, dtype=torch.float64)
+    for fold in ((), (None, 0.0), (bias, 3.0), (None, 3.0), (bias, 0.0)):
+        p = pt * 4 if fold else pt
+        for name in ("forward", "inverse"):
+            ref = _native.forward(clib, zt, p, fam, name, *fold)
+            for got, want in zip(tri.forward(zt, p, fam, name, *fold), ref, strict=True):
+                _close(got, want, 1e-10)
+        gX, gL = (torch.randn(zt.shape, generator=g, dtype=torch.float64) for _ in range(2))
+        for grads in ((gX, gL), (None, gL), (gX, None)):
+            for got, want in zip(tri.backward(zt, p, *grads, fam, *fold),
+                                 _native.backward(clib, zt, p, *grads, fam, *fold), strict=True):
+                _close(got, want, 1e-10)
 
 
 def test_triton_float32_is_float64_to_float32_rounding(tri, clib):
@@ -111,6 +116,17 @@ def test_triton_backward_is_autograd_of_the_plain_operations(tri):
     gz, gp = tri.backward(zt, pt, gX[None], gL[None], fam)
     _close(gz[0], want_z, 1e-10)
     _close(gp[0].T, want_p, 1e-10)
+    # a conditioner's raw output with its bias and soft clamp folded in (Spline.forward_raw)
+    raw = (params.detach() * 4).requires_grad_()
+    bias = torch.linspace(-2, 2, fam.n_params, dtype=torch.float64).requires_grad_()
+    x, ld = fam._forward_ops(z, 3.0 * torch.tanh((raw + bias) / 3.0))
+    want = torch.autograd.grad((x * gX + ld * gL).sum(), (z, raw, bias))
+    ot, b = raw.detach().T[None].contiguous(), bias.detach()[None]
+    for got, ref in zip(tri.forward(zt, ot, fam, "forward", b, 3.0), (x, ld), strict=True):
+        _close(got[0], ref.detach(), 1e-12)
+    gz, gp = tri.backward(zt, ot, gX[None], gL[None], fam, b, 3.0)
+    for got, ref in zip((gz[0], gp[0].T, gp[0].sum(-1)), want, strict=True):
+        _close(got, ref, 1e-10)
 
 
 def test_triton_clamp_and_empty_inputs(tri, clib):

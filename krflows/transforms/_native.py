@@ -102,11 +102,11 @@ def _build() -> ctypes.CDLL:
         p, n = ctypes.c_void_p, ctypes.c_long
         # K, B, min width, min slope, softplus offset, affine, threads
         scalars = [ctypes.c_int, real, real, real, real, ctypes.c_int, ctypes.c_int]
-        for name in ("forward", "inverse"):
+        for name in ("forward", "inverse"):  # points, params, bias, clamp, outputs
             fn = getattr(lib, f"kr_spline_{name}_{suffix}")
-            fn.argtypes, fn.restype = [p, p, p, p, n, n, *scalars], ctypes.c_int
+            fn.argtypes, fn.restype = [p, p, p, real, p, p, n, n, *scalars], ctypes.c_int
         bwd = getattr(lib, f"kr_spline_backward_{suffix}")
-        bwd.argtypes, bwd.restype = [p, p, p, p, p, p, n, n, *scalars], ctypes.c_int
+        bwd.argtypes, bwd.restype = [p, p, p, real, p, p, p, p, n, n, *scalars], ctypes.c_int
         clamp, clamp_bwd = getattr(lib, f"kr_clamp_{suffix}"), getattr(lib, f"kr_clamp_backward_{suffix}")
         clamp.argtypes, clamp.restype = [p, p, n, real, ctypes.c_int], ctypes.c_int
         clamp_bwd.argtypes, clamp_bwd.restype = [p, p, p, n, real, ctypes.c_int], ctypes.c_int
@@ -234,34 +234,52 @@ def _suffix(t: Tensor) -> str:
     return "f32" if t.dtype == torch.float32 else "f64"
 
 
-def forward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, fam, name: str = "forward") -> tuple[Tensor, Tensor]:
+def _check(zt: Tensor, pt: Tensor, bias: Tensor | None, *grads: Tensor | None) -> None:
+    if not all(t is None or t.is_contiguous() for t in (zt, pt, *grads)):  # the kernels read raw memory
+        raise ValueError("the spline kernel needs contiguous points, parameters and gradients")
+    if bias is not None and not (bias.is_contiguous() and bias.shape == pt.shape[:2]):
+        raise ValueError(f"the spline kernel needs a contiguous bias of shape {tuple(pt.shape[:2])}, "
+                         f"got {tuple(bias.shape)}")
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def forward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, fam, name: str = "forward", bias: Tensor | None = None,
+            clamp: float = 0.0) -> tuple[Tensor, Tensor]:
     """``x`` and ``log dx/dz`` ``(L, R)`` from points ``zt (L, R)`` and parameters ``pt (L, P, R)``
-    (both contiguous); with ``name="inverse"``, ``z`` and ``log dx/dz`` from points ``x``."""
-    if not (zt.is_contiguous() and pt.is_contiguous()):  # both kernels read raw memory
-        raise ValueError("the spline kernel needs contiguous points and parameters")
+    (both contiguous); with ``name="inverse"``, ``z`` and ``log dx/dz`` from points ``x``.
+
+    With ``bias (L, P)`` and/or ``clamp > 0``, ``pt`` is a conditioner's output before its bias and
+    soft clamp, and the parameters are ``clamp tanh((pt + bias) / clamp)`` (``pt + bias`` without
+    clamp), :class:`krflows.nn.SoftClamp`'s arithmetic, which the kernel applies as it reads them
+    (:meth:`krflows.transforms.Spline.forward_raw`)."""
+    _check(zt, pt, bias)
     if not isinstance(lib, ctypes.CDLL):  # the Triton kernels (CUDA)
-        return lib.forward(zt, pt, fam, name)
+        return lib.forward(zt, pt, fam, name, bias, clamp)
     L, R = zt.shape
     X, Ld = torch.empty_like(zt), torch.empty_like(zt)
     if getattr(lib, f"kr_spline_{name}_{_suffix(zt)}")(
-            zt.data_ptr(), pt.data_ptr(), X.data_ptr(), Ld.data_ptr(), L, R, *_args(fam)):
+            zt.data_ptr(), pt.data_ptr(), _ptr(bias), float(clamp), X.data_ptr(), Ld.data_ptr(), L, R,
+            *_args(fam)):
         raise MemoryError("krflows' spline kernel could not allocate its work buffer")
     return X, Ld
 
 
-def backward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Tensor | None, fam
-             ) -> tuple[Tensor, Tensor]:
+def backward(lib: ctypes.CDLL, zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Tensor | None, fam,
+             bias: Tensor | None = None, clamp: float = 0.0) -> tuple[Tensor, Tensor]:
     """The gradients of ``zt`` ``(L, R)`` and ``pt`` ``(L, P, R)`` from those of ``x`` and ``log dx/dz``
-    (``(L, R)`` contiguous, or ``None`` for zero)."""
-    if not all(t is None or t.is_contiguous() for t in (zt, pt, gX, gL)):
-        raise ValueError("the spline kernel needs contiguous points, parameters and gradients")
+    (``(L, R)`` contiguous, or ``None`` for zero); with ``bias`` and ``clamp`` as for :func:`forward`,
+    ``pt``'s is through them (the bias's is then ``pt``'s summed over the points)."""
+    _check(zt, pt, bias, gX, gL)
     if not isinstance(lib, ctypes.CDLL):
-        return lib.backward(zt, pt, gX, gL, fam)
+        return lib.backward(zt, pt, gX, gL, fam, bias, clamp)
     L, R = zt.shape
     gz, gp = torch.empty_like(zt), torch.empty_like(pt)
     if getattr(lib, f"kr_spline_backward_{_suffix(zt)}")(
-            zt.data_ptr(), pt.data_ptr(), None if gX is None else gX.data_ptr(),
-            None if gL is None else gL.data_ptr(), gz.data_ptr(), gp.data_ptr(), L, R, *_args(fam)):
+            zt.data_ptr(), pt.data_ptr(), _ptr(bias), float(clamp), _ptr(gX), _ptr(gL), gz.data_ptr(),
+            gp.data_ptr(), L, R, *_args(fam)):
         raise MemoryError("krflows' spline kernel could not allocate its work buffer")
     return gz, gp
 
@@ -296,52 +314,58 @@ _Spec = namedtuple("_Spec", "bins bound min_width min_slope affine")
 
 
 @torch.library.custom_op("krflows::spline", mutates_args=())
-def spline_op(vt: Tensor, pt: Tensor, bins: int, bound: float, min_width: float, min_slope: float,
-              affine: bool, inverse: bool) -> tuple[Tensor, Tensor]:
-    """:func:`forward` (or the inverse) of points ``vt (L, R)`` and parameters ``pt (L, P, R)``."""
+def spline_op(vt: Tensor, pt: Tensor, bias: Tensor | None, clamp: float, bins: int, bound: float,
+              min_width: float, min_slope: float, affine: bool, inverse: bool) -> tuple[Tensor, Tensor]:
+    """:func:`forward` (or the inverse) of points ``vt (L, R)`` and parameters ``pt (L, P, R)``
+    (with ``bias (L, P)`` or ``None`` and ``clamp``: :func:`forward`'s conditioner output)."""
     spec = _Spec(bins, bound, min_width, min_slope, affine)
-    vt = vt.contiguous()
-    return forward(kernel(vt), vt, pt.contiguous(), spec, "inverse" if inverse else "forward")
+    vt, pt, bias = (None if t is None else t.contiguous() for t in (vt, pt, bias))
+    return forward(kernel(vt), vt, pt, spec, "inverse" if inverse else "forward", bias, clamp)
 
 
 @spline_op.register_fake
-def _(vt, pt, bins, bound, min_width, min_slope, affine, inverse):
+def _(vt, pt, bias, clamp, bins, bound, min_width, min_slope, affine, inverse):
     return vt.new_empty(vt.shape), vt.new_empty(vt.shape)
 
 
 @torch.library.custom_op("krflows::spline_backward", mutates_args=())
-def spline_backward_op(zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Tensor | None, bins: int,
-                       bound: float, min_width: float, min_slope: float, affine: bool
-                       ) -> tuple[Tensor, Tensor]:
+def spline_backward_op(zt: Tensor, pt: Tensor, bias: Tensor | None, clamp: float, gX: Tensor | None,
+                       gL: Tensor | None, bins: int, bound: float, min_width: float, min_slope: float,
+                       affine: bool) -> tuple[Tensor, Tensor]:
     """:func:`backward`: the gradients of ``zt`` and ``pt`` from those of ``x`` and ``log dx/dz``."""
     spec = _Spec(bins, bound, min_width, min_slope, affine)
-    zt = zt.contiguous()
-    gX, gL = (None if g is None else g.contiguous() for g in (gX, gL))
-    return backward(kernel(zt), zt, pt.contiguous(), gX, gL, spec)
+    zt, pt, bias, gX, gL = (None if t is None else t.contiguous() for t in (zt, pt, bias, gX, gL))
+    return backward(kernel(zt), zt, pt, gX, gL, spec, bias, clamp)
 
 
 @spline_backward_op.register_fake
-def _(zt, pt, gX, gL, bins, bound, min_width, min_slope, affine):
+def _(zt, pt, bias, clamp, gX, gL, bins, bound, min_width, min_slope, affine):
     return zt.new_empty(zt.shape), pt.new_empty(pt.shape)
 
 
 def _setup(ctx, inputs, output):
-    vt, pt, *spec, inverse = inputs
-    ctx.spec, ctx.inverse = spec, inverse
+    vt, pt, bias, clamp, *spec, inverse = inputs
+    ctx.clamp, ctx.spec, ctx.inverse = clamp, spec, inverse
     # forward: the backward recomputes from the inputs; inverse: it needs the solution z and log z'
-    ctx.save_for_backward(*((output[0], output[1], pt) if inverse else (vt, pt)))
+    ctx.save_for_backward(*((output[0], output[1], pt, bias) if inverse else (vt, pt, bias)))
 
 
 def _backward(ctx, gX: Tensor | None, gL: Tensor | None):
-    rest = (None,) * (len(ctx.spec) + 1)
+    *points, pt, bias = ctx.saved_tensors
+
+    def vjp(zt, gX, gL):
+        return spline_backward_op(zt, pt, bias, ctx.clamp, gX, gL, *ctx.spec)
+
     if not ctx.inverse:
-        return *spline_backward_op(*ctx.saved_tensors, gX, gL, *ctx.spec), *rest
-    # inverse function theorem, as krflows.transforms.monotone._SplineInverse
-    zt, lt, pt = ctx.saved_tensors
-    gz_l, gp = spline_backward_op(zt, pt, None, gL, *ctx.spec) if gL is not None else (None, None)
-    a = (gX if gz_l is None else gz_l if gX is None else gz_l + gX) / lt.exp()
-    gp_x = spline_backward_op(zt, pt, -a, None, *ctx.spec)[1]
-    return a, gp_x if gp is None else gp + gp_x, *rest
+        gz, gp = vjp(points[0], gX, gL)
+    else:  # inverse function theorem, as krflows.transforms.monotone._SplineInverse
+        zt, lt = points
+        gz_l, gp = vjp(zt, None, gL) if gL is not None else (None, None)
+        gz = (gX if gz_l is None else gz_l if gX is None else gz_l + gX) / lt.exp()
+        gp_x = vjp(zt, -gz, None)[1]
+        gp = gp_x if gp is None else gp + gp_x
+    # the bias's gradient: the parameters' summed over the points (as addmm's backward sums it)
+    return gz, gp, None if bias is None else gp.sum(-1), None, *(None,) * len(ctx.spec), None
 
 
 spline_op.register_autograd(_backward, setup_context=_setup)

@@ -240,44 +240,77 @@ KR_INLINE void KR_NAME(eval)(const real *restrict z, const real *restrict p, lon
     }
 }
 
-static void *KR_NAME(work)(int K, real **e, real **C, real **kn) {
-    chunk *c = malloc(sizeof(chunk) + sizeof(real) * CH * (2 * K + 4 * (K + 1)));
+/* A thread's work buffer: the chunk, softmax numerators e (2 K CH), running sums C and knots kn
+ * (2 (K + 1) CH each) and the chunk's folded parameters pc (P CH, P <= 3 K + 3). */
+static void *KR_NAME(work)(int K, real **e, real **C, real **kn, real **pc) {
+    chunk *c = malloc(sizeof(chunk) + sizeof(real) * CH * (2 * K + 4 * (K + 1) + 3 * K + 3));
     if (c) {
         *e = (real *)(c + 1);
         *C = *e + 2 * K * CH;
         *kn = *C + 2 * (K + 1) * CH;
+        *pc = *kn + 2 * (K + 1) * CH;
     }
     return c;
 }
 
 /* One call's arguments and the range of points [rb, re) a thread works on. */
 typedef struct {
-    const real *z, *params, *gX, *gL;
+    const real *z, *params, *gX, *gL, *bias;
     real *X, *logd, *gz, *gp;
     long L, R, rb, re;
     int K, aff, status;
-    real B, minw, floor_, cst;
+    real B, minw, floor_, cst, clamp;
 } KR_NAME(job);
 #define job KR_NAME(job)
+
+/* The folded conditioner output (bias and soft clamp, when the call has them: bias != NULL or
+ * clamp > 0): the parameters of points r0 .. r0 + n - 1 of row l, clamp tanh((p + bias) / clamp)
+ * computed as krflows.nn.SoftClamp and kr_clamp do (2b / (1 + exp(-2y / b)) - b, the same
+ * rounding), into pc (P rows of CH). Returns where the kernel then reads row j's values: pc + j CH,
+ * or without folding the parameters themselves, p + j R + r0; *stride is CH or R. The backward
+ * folds again (recomputes, as it recomputes the rest of the forward) and multiplies the parameter
+ * gradient by the clamp's derivative: nothing but the conditioner's output is kept, as before its
+ * clamp's output was. Saves the conditioner a pass over its whole output each way (bias and
+ * clamp, by the C clamp or torch, were one or two) and the clamp's own calls. */
+KR_INLINE const real *KR_NAME(fold)(const job *a, const real *p, long l, long r0, int n, int P,
+                                    real *restrict pc, long *stride) {
+    if (!a->bias && !(a->clamp > 0)) {
+        *stride = a->R;
+        return p + r0;
+    }
+    const real b = a->clamp, k = -2 / a->clamp;
+    for (int j = 0; j < P; j++) {
+        const real *restrict u = p + (long)j * a->R + r0;
+        const real beta = a->bias ? a->bias[l * P + j] : 0;
+        real *restrict o = pc + j * CH;
+        if (b > 0)
+            for (int i = 0; i < n; i++) o[i] = (2 * b) / (1 + KR_EXP(k * (u[i] + beta))) - b;
+        else
+            for (int i = 0; i < n; i++) o[i] = u[i] + beta;
+    }
+    *stride = CH;
+    return pc;
+}
 
 /* z (L, R), params (L, P, R) -> X, logd (L, R) on points [rb, re). */
 void KR_NAME(forward_range)(job *a) {
     const long L = a->L, R = a->R;
     const int K = a->K, aff = a->aff, P = 3 * K + 1 + 2 * aff;
-    real *e, *C, *kn;
-    chunk *c = KR_NAME(work)(K, &e, &C, &kn);
+    real *e, *C, *kn, *pc;
+    chunk *c = KR_NAME(work)(K, &e, &C, &kn, &pc);
     if (!c) {
         a->status = -1;
         return;
     }
     for (long l = 0; l < L; l++) {
-        const real *p = a->params + l * P * R;
         for (long r0 = a->rb; r0 < a->re; r0 += CH) {
             int n = a->re - r0 < CH ? (int)(a->re - r0) : CH;
-            KR_NAME(eval)(a->z + l * R + r0, p, R, r0, n, K, a->B, a->minw, a->floor_, a->cst, aff, 0, c, e, C, kn);
+            long S;
+            const real *p = KR_NAME(fold)(a, a->params + l * P * R, l, r0, n, P, pc, &S);
+            KR_NAME(eval)(a->z + l * R + r0, p, S, 0, n, K, a->B, a->minw, a->floor_, a->cst, aff, 0, c, e, C, kn);
             real *Xo = a->X + l * R + r0, *Lo = a->logd + l * R + r0;
             if (aff) {
-                const real *ap = p + r0;
+                const real *ap = p;
                 for (int i = 0; i < n; i++) {
                     Xo[i] = ap[i] + c->sc[i] * c->x[i];
                     Lo[i] = KR_LOG(c->slope[i]) + KR_LOG(c->sc[i]);
@@ -299,25 +332,26 @@ void KR_NAME(backward_range)(job *a) {
     const long L = a->L, R = a->R;
     const int K = a->K, aff = a->aff, P = 3 * K + 1 + 2 * aff, off = aff ? 2 : 0;
     const real cst = a->cst;
-    real *e, *C, *kn;
-    chunk *c = KR_NAME(work)(K, &e, &C, &kn);
+    real *e, *C, *kn, *pc;
+    chunk *c = KR_NAME(work)(K, &e, &C, &kn, &pc);
     if (!c) {
         a->status = -1;
         return;
     }
     real gx[CH], gl[CH], glo[2][CH], gb[2][CH], gr0[CH], gr1[CH];
     for (long l = 0; l < L; l++) {
-        const real *p = a->params + l * P * R;
         real *g = a->gp + l * P * R;
         for (long r0 = a->rb; r0 < a->re; r0 += CH) {
             int n = a->re - r0 < CH ? (int)(a->re - r0) : CH;
-            KR_NAME(eval)(a->z + l * R + r0, p, R, r0, n, K, a->B, a->minw, a->floor_, cst, aff, 1, c, e, C, kn);
+            long S;
+            const real *p = KR_NAME(fold)(a, a->params + l * P * R, l, r0, n, P, pc, &S);
+            KR_NAME(eval)(a->z + l * R + r0, p, S, 0, n, K, a->B, a->minw, a->floor_, cst, aff, 1, c, e, C, kn);
             for (int i = 0; i < n; i++) {
                 gx[i] = a->gX ? a->gX[l * R + r0 + i] : 0;
                 gl[i] = a->gL ? a->gL[l * R + r0 + i] : 0;
             }
             if (aff) {
-                const real *v = p + R + r0;
+                const real *v = p + S;
                 for (int i = 0; i < n; i++) {
                     g[r0 + i] = gx[i];
                     g[R + r0 + i] = KR_NAME(dsoftplus)(v[i] + cst) * (gx[i] * c->x[i] + gl[i] / c->sc[i]);
@@ -367,6 +401,17 @@ void KR_NAME(backward_range)(job *a) {
                 for (int i = 0; i < n; i++)
                     gs[i] = (j == c->idx[i] ? gr0[i] : 0) + (j == c->idx[i] + 1 ? gr1[i] : 0);
             }
+            if (a->clamp > 0) { /* through the soft clamp: g (1 - (y / b)^2), as kr_clamp_backward */
+                const real rb = 1 / a->clamp;
+                for (int j = 0; j < P; j++) {
+                    real *gj = g + (long)j * R + r0;
+                    const real *y = p + j * S;
+                    for (int i = 0; i < n; i++) {
+                        real u = y[i] * rb;
+                        gj[i] = gj[i] - gj[i] * (u * u);
+                    }
+                }
+            }
         }
     }
     free(c);
@@ -378,20 +423,21 @@ void KR_NAME(inverse_range)(job *a) {
     const long L = a->L, R = a->R;
     const int K = a->K, aff = a->aff, P = 3 * K + 1 + 2 * aff;
     const real B = a->B, floor_ = a->floor_, cst = a->cst;
-    real *e, *C, *kn;
-    chunk *c = KR_NAME(work)(K, &e, &C, &kn);
+    real *e, *C, *kn, *pc;
+    chunk *c = KR_NAME(work)(K, &e, &C, &kn, &pc);
     if (!c) {
         a->status = -1;
         return;
     }
     real v[CH];
     for (long l = 0; l < L; l++) {
-        const real *p = a->params + l * P * R;
         for (long r0 = a->rb; r0 < a->re; r0 += CH) {
             int n = a->re - r0 < CH ? (int)(a->re - r0) : CH;
+            long S;
+            const real *p = KR_NAME(fold)(a, a->params + l * P * R, l, r0, n, P, pc, &S);
             const real *x = a->z + l * R + r0;
             if (aff) { /* undo the affine part first: x' = (x - a) / s */
-                const real *ap = p + r0, *vp = p + R + r0;
+                const real *ap = p, *vp = p + S;
                 for (int i = 0; i < n; i++) {
                     c->sc[i] = floor_ + KR_NAME(softplus)(vp[i] + cst);
                     v[i] = (x[i] - ap[i]) / c->sc[i];
@@ -399,7 +445,7 @@ void KR_NAME(inverse_range)(job *a) {
             } else {
                 for (int i = 0; i < n; i++) v[i] = x[i];
             }
-            KR_NAME(bin)(v, 1, p, R, r0, n, K, B, a->minw, aff, 0, c, e, C, kn);
+            KR_NAME(bin)(v, 1, p, S, 0, n, K, B, a->minw, aff, 0, c, e, C, kn);
             real *Zo = a->X + l * R + r0, *Lo = a->logd + l * R + r0;
             for (int i = 0; i < n; i++) {
                 real d0 = floor_ + KR_NAME(softplus)(c->raw0[i] + cst);
@@ -491,36 +537,45 @@ void KR_NAME(clamp_backward_range)(job *a) {
 
 /* y = b tanh(x / b) of n values; and its backward gx from y and gy. Return 0. */
 int KR_NAME(kr_clamp)(const real *x, real *y, long n, real b, int nthreads) {
-    job a = {x, NULL, NULL, NULL, y, NULL, NULL, NULL, 1, n, 0, n, 0, 0, 0, b, 0, 0, 0};
+    job a = {.z = x, .X = y, .L = 1, .R = n, .re = n, .B = b};
     return KR_NAME(run)(&a, nthreads, KR_NAME(clamp_range));
 }
 
 int KR_NAME(kr_clamp_backward)(const real *y, const real *gy, real *gx, long n, real b, int nthreads) {
-    job a = {y, NULL, gy, NULL, NULL, NULL, gx, NULL, 1, n, 0, n, 0, 0, 0, b, 0, 0, 0};
+    job a = {.z = y, .gX = gy, .gz = gx, .L = 1, .R = n, .re = n, .B = b};
     return KR_NAME(run)(&a, nthreads, KR_NAME(clamp_backward_range));
 }
 
-/* z (L, R), params (L, P, R) -> X, logd (L, R). Returns 0, or -1 when out of memory. */
-int KR_NAME(kr_spline_forward)(const real *z, const real *params, real *X, real *logd, long L, long R,
-                               int K, real B, real minw, real floor_, real cst, int aff, int nthreads) {
-    job a = {z, params, NULL, NULL, X, logd, NULL, NULL, L, R, 0, R, K, aff, 0, B, minw, floor_, cst};
+/* z (L, R), params (L, P, R) -> X, logd (L, R). The parameters may be a conditioner's output before
+ * its bias (L, P; or NULL) and soft clamp (clamp > 0: clamp tanh(. / clamp); 0: none): see fold.
+ * Returns 0, or -1 when out of memory. */
+int KR_NAME(kr_spline_forward)(const real *z, const real *params, const real *bias, real clamp, real *X,
+                               real *logd, long L, long R, int K, real B, real minw, real floor_, real cst,
+                               int aff, int nthreads) {
+    job a = {.z = z, .params = params, .bias = bias, .clamp = clamp, .X = X, .logd = logd, .L = L, .R = R,
+             .re = R, .K = K, .aff = aff, .B = B, .minw = minw, .floor_ = floor_, .cst = cst};
     return KR_NAME(run)(&a, nthreads, KR_NAME(forward_range));
 }
 
-/* x (L, R), params (L, P, R) -> z, logd (L, R) with x = f(z), logd = log f'(z). Returns 0, or -1
- * when out of memory. */
-int KR_NAME(kr_spline_inverse)(const real *x, const real *params, real *Z, real *logd, long L, long R,
-                               int K, real B, real minw, real floor_, real cst, int aff, int nthreads) {
-    job a = {x, params, NULL, NULL, Z, logd, NULL, NULL, L, R, 0, R, K, aff, 0, B, minw, floor_, cst};
+/* x (L, R), params (L, P, R) (bias and clamp as for the forward) -> z, logd (L, R) with x = f(z),
+ * logd = log f'(z). Returns 0, or -1 when out of memory. */
+int KR_NAME(kr_spline_inverse)(const real *x, const real *params, const real *bias, real clamp, real *Z,
+                               real *logd, long L, long R, int K, real B, real minw, real floor_, real cst,
+                               int aff, int nthreads) {
+    job a = {.z = x, .params = params, .bias = bias, .clamp = clamp, .X = Z, .logd = logd, .L = L, .R = R,
+             .re = R, .K = K, .aff = aff, .B = B, .minw = minw, .floor_ = floor_, .cst = cst};
     return KR_NAME(run)(&a, nthreads, KR_NAME(inverse_range));
 }
 
 /* The gradients of z (L, R) and params (L, P, R) from those of X and logd (either may be NULL:
- * zero). Returns 0, or -1 when out of memory. */
-int KR_NAME(kr_spline_backward)(const real *z, const real *params, const real *gX, const real *gL,
-                                real *gz, real *gp, long L, long R, int K, real B, real minw,
-                                real floor_, real cst, int aff, int nthreads) {
-    job a = {z, params, gX, gL, NULL, NULL, gz, gp, L, R, 0, R, K, aff, 0, B, minw, floor_, cst};
+ * zero); with bias and clamp as for the forward, the parameter gradient is through them, that of
+ * the conditioner's output (the bias's is that summed over the points). Returns 0, or -1 when out
+ * of memory. */
+int KR_NAME(kr_spline_backward)(const real *z, const real *params, const real *bias, real clamp,
+                                const real *gX, const real *gL, real *gz, real *gp, long L, long R, int K,
+                                real B, real minw, real floor_, real cst, int aff, int nthreads) {
+    job a = {.z = z, .params = params, .bias = bias, .clamp = clamp, .gX = gX, .gL = gL, .gz = gz, .gp = gp,
+             .L = L, .R = R, .re = R, .K = K, .aff = aff, .B = B, .minw = minw, .floor_ = floor_, .cst = cst};
     return KR_NAME(run)(&a, nthreads, KR_NAME(backward_range));
 }
 

@@ -64,15 +64,38 @@ def _sqrt(x):
 
 
 @triton.jit
-def _bin(v, pp, R, offs, mask, B, minw, K: tl.constexpr, ROW: tl.constexpr, OFF: tl.constexpr,
-         BLOCK: tl.constexpr):
+def _ld(pp, j, R, offs, mask, bp, b, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr):
+    """Parameter row ``j`` at ``pp``; a conditioner's output folded (``_native.forward``'s ``bias``
+    and ``clamp``): plus the row's bias ``bp[j]``, soft-clamped to ``b`` by the clamp kernel's
+    arithmetic. The kernels read each parameter two to four times and fold it at every read:
+    arithmetic is cheap here, another pass over the conditioner's output is not."""
+    u = tl.load(pp + j * R + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        u = u + tl.load(bp + j)
+    if CLAMP:
+        u = (2.0 * b) / (1.0 + tl.exp((-2.0 / b) * u)) - b
+    return u
+
+
+@triton.jit
+def _dclamp(g, y, b, CLAMP: tl.constexpr):
+    """A folded parameter's gradient ``g`` through the soft clamp, from its value ``y`` (as the C kernel)."""
+    if CLAMP:
+        u = y * (1.0 / b)
+        g = g - g * (u * u)
+    return g
+
+
+@triton.jit
+def _bin(v, pp, R, offs, mask, B, minw, bp, b, HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr, K: tl.constexpr,
+         ROW: tl.constexpr, OFF: tl.constexpr, BLOCK: tl.constexpr):
     """The bin of points ``v`` along knot row ``ROW`` (0: z, 1: x) of the parameters at ``pp``:
     the clamped point, the bin number, its knots and running sums, and what the backward needs."""
-    mz = tl.load(pp + OFF * R + offs, mask=mask, other=0.0)
-    mh = tl.load(pp + (OFF + K) * R + offs, mask=mask, other=0.0)
+    mz = _ld(pp, OFF, R, offs, mask, bp, b, HAS_BIAS, CLAMP)
+    mh = _ld(pp, OFF + K, R, offs, mask, bp, b, HAS_BIAS, CLAMP)
     for k in tl.static_range(1, K):
-        uz = tl.load(pp + (OFF + k) * R + offs, mask=mask, other=0.0)
-        uh = tl.load(pp + (OFF + K + k) * R + offs, mask=mask, other=0.0)
+        uz = _ld(pp, OFF + k, R, offs, mask, bp, b, HAS_BIAS, CLAMP)
+        uh = _ld(pp, OFF + K + k, R, offs, mask, bp, b, HAS_BIAS, CLAMP)
         mz = tl.where(uz > mz, uz, mz)
         mh = tl.where(uh > mh, uh, mh)
     # tl.full, not tl.zeros(_like): those are jit functions of Triton's own, which its interpreter
@@ -81,8 +104,8 @@ def _bin(v, pp, R, offs, mask, B, minw, K: tl.constexpr, ROW: tl.constexpr, OFF:
     Sz = zero
     Sh = zero
     for k in tl.static_range(K):  # the running sums' last values, in the order used below
-        Sz = Sz + tl.exp(tl.load(pp + (OFF + k) * R + offs, mask=mask, other=0.0) - mz)
-        Sh = Sh + tl.exp(tl.load(pp + (OFF + K + k) * R + offs, mask=mask, other=0.0) - mh)
+        Sz = Sz + tl.exp(_ld(pp, OFF + k, R, offs, mask, bp, b, HAS_BIAS, CLAMP) - mz)
+        Sh = Sh + tl.exp(_ld(pp, OFF + K + k, R, offs, mask, bp, b, HAS_BIAS, CLAMP) - mh)
     span = 2.0 * B * (1.0 - K * minw)
     rz = span / Sz
     rx = span / Sh
@@ -103,8 +126,8 @@ def _bin(v, pp, R, offs, mask, B, minw, K: tl.constexpr, ROW: tl.constexpr, OFF:
     raw1 = zero
     idx = tl.full([BLOCK], 0, tl.int32)
     for j in tl.static_range(K):
-        Cz_n = Cz + tl.exp(tl.load(pp + (OFF + j) * R + offs, mask=mask, other=0.0) - mz)
-        Cx_n = Cx + tl.exp(tl.load(pp + (OFF + K + j) * R + offs, mask=mask, other=0.0) - mh)
+        Cz_n = Cz + tl.exp(_ld(pp, OFF + j, R, offs, mask, bp, b, HAS_BIAS, CLAMP) - mz)
+        Cx_n = Cx + tl.exp(_ld(pp, OFF + K + j, R, offs, mask, bp, b, HAS_BIAS, CLAMP) - mh)
         if j + 1 < K:
             off_j = (j + 1) * (2.0 * B * minw) - B
             kz_n = Cz_n * rz + off_j
@@ -127,8 +150,8 @@ def _bin(v, pp, R, offs, mask, B, minw, K: tl.constexpr, ROW: tl.constexpr, OFF:
         cz1 = tl.where(sel, Cz_n, cz1)
         cx0 = tl.where(sel, Cx, cx0)
         cx1 = tl.where(sel, Cx_n, cx1)
-        raw0 = tl.where(sel, tl.load(pp + (OFF + 2 * K + j) * R + offs, mask=mask, other=0.0), raw0)
-        raw1 = tl.where(sel, tl.load(pp + (OFF + 2 * K + j + 1) * R + offs, mask=mask, other=0.0), raw1)
+        raw0 = tl.where(sel, _ld(pp, OFF + 2 * K + j, R, offs, mask, bp, b, HAS_BIAS, CLAMP), raw0)
+        raw1 = tl.where(sel, _ld(pp, OFF + 2 * K + j + 1, R, offs, mask, bp, b, HAS_BIAS, CLAMP), raw1)
         idx = tl.where(sel, j, idx)
         Cz = Cz_n
         Cx = Cx_n
@@ -139,13 +162,14 @@ def _bin(v, pp, R, offs, mask, B, minw, K: tl.constexpr, ROW: tl.constexpr, OFF:
 
 @triton.jit
 def _start(c_ptr, nrb, R, K: tl.constexpr, AFF: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's points (offsets in the row, mask), the offsets of its row of points and of
-    parameters, ``R`` as int64 (``P R`` may pass 2^31) and the scalars of :func:`_spec`."""
+    """This program's points (offsets in the row, mask), the offsets of its row of points, of
+    parameters and of the row's bias, ``R`` as int64 (``P R`` may pass 2^31) and the scalars of
+    :func:`_spec` (the clamp's bound last)."""
     P: tl.constexpr = 3 * K + 1 + 2 * AFF
     row = (tl.program_id(0) // nrb).to(tl.int64)
     offs = (tl.program_id(0) % nrb) * BLOCK + tl.arange(0, BLOCK)
-    return (offs, offs < R, row * R, row * P * R, row * 0 + R,
-            tl.load(c_ptr), tl.load(c_ptr + 1), tl.load(c_ptr + 2), tl.load(c_ptr + 3))
+    return (offs, offs < R, row * R, row * P * R, row * P, row * 0 + R,
+            tl.load(c_ptr), tl.load(c_ptr + 1), tl.load(c_ptr + 2), tl.load(c_ptr + 3), tl.load(c_ptr + 4))
 
 
 @triton.jit
@@ -158,13 +182,14 @@ def _slope(xi, s, d0, d1):
 
 
 @triton.jit
-def _forward_kernel(z_ptr, p_ptr, x_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr, AFF: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    offs, mask, pbase, qbase, R, B, minw, floor_, cst = _start(c_ptr, nrb, R, K, AFF, BLOCK)
+def _forward_kernel(z_ptr, p_ptr, b_ptr, x_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr, AFF: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, pbase, qbase, bbase, R, B, minw, floor_, cst, b = _start(c_ptr, nrb, R, K, AFF, BLOCK)
     pp = p_ptr + qbase
+    bp = b_ptr + bbase
     z = tl.load(z_ptr + pbase + offs, mask=mask, other=0.0)
     zc, idx, z0, w, x0, h, cz0, cz1, cx0, cx1, rz, rx, raw0, raw1, mz, mh = _bin(
-        z, pp, R, offs, mask, B, minw, K, 0, 2 * AFF, BLOCK)
+        z, pp, R, offs, mask, B, minw, bp, b, HAS_BIAS, CLAMP, K, 0, 2 * AFF, BLOCK)
     d0 = floor_ + _softplus(raw0 + cst)
     d1 = floor_ + _softplus(raw1 + cst)
     s = h / w
@@ -179,24 +204,25 @@ def _forward_kernel(z_ptr, p_ptr, x_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr,
     x = tl.where(out, zc + (z - zc) * dout, x)
     ld = tl.log(slope)
     if AFF:
-        sc = floor_ + _softplus(tl.load(pp + R + offs, mask=mask, other=0.0) + cst)
-        x = tl.load(pp + offs, mask=mask, other=0.0) + sc * x
+        sc = floor_ + _softplus(_ld(pp, 1, R, offs, mask, bp, b, HAS_BIAS, CLAMP) + cst)
+        x = _ld(pp, 0, R, offs, mask, bp, b, HAS_BIAS, CLAMP) + sc * x
         ld = ld + tl.log(sc)
     tl.store(x_ptr + pbase + offs, x, mask=mask)
     tl.store(ld_ptr + pbase + offs, ld, mask=mask)
 
 
 @triton.jit
-def _inverse_kernel(x_ptr, p_ptr, z_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr, AFF: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    offs, mask, pbase, qbase, R, B, minw, floor_, cst = _start(c_ptr, nrb, R, K, AFF, BLOCK)
+def _inverse_kernel(x_ptr, p_ptr, b_ptr, z_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr, AFF: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, pbase, qbase, bbase, R, B, minw, floor_, cst, b = _start(c_ptr, nrb, R, K, AFF, BLOCK)
     pp = p_ptr + qbase
+    bp = b_ptr + bbase
     v = tl.load(x_ptr + pbase + offs, mask=mask, other=0.0)
     if AFF:  # undo the affine part first: x' = (x - a) / s
-        sc = floor_ + _softplus(tl.load(pp + R + offs, mask=mask, other=0.0) + cst)
-        v = (v - tl.load(pp + offs, mask=mask, other=0.0)) / sc
+        sc = floor_ + _softplus(_ld(pp, 1, R, offs, mask, bp, b, HAS_BIAS, CLAMP) + cst)
+        v = (v - _ld(pp, 0, R, offs, mask, bp, b, HAS_BIAS, CLAMP)) / sc
     xc, idx, z0, w, x0, h, cz0, cz1, cx0, cx1, rz, rx, raw0, raw1, mz, mh = _bin(
-        v, pp, R, offs, mask, B, minw, K, 1, 2 * AFF, BLOCK)
+        v, pp, R, offs, mask, B, minw, bp, b, HAS_BIAS, CLAMP, K, 1, 2 * AFF, BLOCK)
     d0 = floor_ + _softplus(raw0 + cst)
     d1 = floor_ + _softplus(raw1 + cst)
     s = h / w
@@ -220,15 +246,18 @@ def _inverse_kernel(x_ptr, p_ptr, z_ptr, ld_ptr, c_ptr, R, nrb, K: tl.constexpr,
 
 
 @triton.jit
-def _backward_kernel(z_ptr, p_ptr, gx_ptr, gl_ptr, gz_ptr, gp_ptr, c_ptr, R, nrb, K: tl.constexpr,
-                     AFF: tl.constexpr, HAS_GX: tl.constexpr, HAS_GL: tl.constexpr, BLOCK: tl.constexpr):
-    offs, mask, pbase, qbase, R, B, minw, floor_, cst = _start(c_ptr, nrb, R, K, AFF, BLOCK)
+def _backward_kernel(z_ptr, p_ptr, b_ptr, gx_ptr, gl_ptr, gz_ptr, gp_ptr, c_ptr, R, nrb, K: tl.constexpr,
+                     AFF: tl.constexpr, HAS_GX: tl.constexpr, HAS_GL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+    # with CLAMP, every stored parameter gradient goes through the clamp (_dclamp, from the row's value)
+    offs, mask, pbase, qbase, bbase, R, B, minw, floor_, cst, b = _start(c_ptr, nrb, R, K, AFF, BLOCK)
     pp = p_ptr + qbase
+    bp = b_ptr + bbase
     OFF: tl.constexpr = 2 * AFF
     gq = gp_ptr + qbase
     z = tl.load(z_ptr + pbase + offs, mask=mask, other=0.0)
     zc, idx, z0, w, x0, h, cz0, cz1, cx0, cx1, rz, rx, raw0, raw1, mz, mh = _bin(
-        z, pp, R, offs, mask, B, minw, K, 0, OFF, BLOCK)
+        z, pp, R, offs, mask, B, minw, bp, b, HAS_BIAS, CLAMP, K, 0, OFF, BLOCK)
     # the forward's values (as _forward_kernel)
     d0 = floor_ + _softplus(raw0 + cst)
     d1 = floor_ + _softplus(raw1 + cst)
@@ -254,10 +283,12 @@ def _backward_kernel(z_ptr, p_ptr, gx_ptr, gl_ptr, gz_ptr, gp_ptr, c_ptr, R, nrb
     else:
         gl = zero
     if AFF:
-        vv = tl.load(pp + R + offs, mask=mask, other=0.0) + cst
+        yv = _ld(pp, 1, R, offs, mask, bp, b, HAS_BIAS, CLAMP)
+        vv = yv + cst
         sc = floor_ + _softplus(vv)
-        tl.store(gq + offs, gx, mask=mask)
-        tl.store(gq + R + offs, _dsoftplus(vv) * (gx * x + gl / sc), mask=mask)
+        ya = _ld(pp, 0, R, offs, mask, bp, b, HAS_BIAS, CLAMP)
+        tl.store(gq + offs, _dclamp(gx, ya, b, CLAMP), mask=mask)
+        tl.store(gq + R + offs, _dclamp(_dsoftplus(vv) * (gx * x + gl / sc), yv, b, CLAMP), mask=mask)
         gx = gx * sc
     # the bin's rational function, the tails (_SplineForward._backward_ops, point by point)
     inside = tl.where(out, 0.0, 1.0)
@@ -283,16 +314,18 @@ def _backward_kernel(z_ptr, p_ptr, gx_ptr, gl_ptr, gz_ptr, gp_ptr, c_ptr, R, nrb
     gam_z = (-gxw + gw_neg) * cz0 - gw_neg * cz1
     gam_x = (g_in - g_h) * cx0 + g_h * cx1
     for k in tl.static_range(K):
-        ez = tl.exp(tl.load(pp + (OFF + k) * R + offs, mask=mask, other=0.0) - mz)
-        ex = tl.exp(tl.load(pp + (OFF + K + k) * R + offs, mask=mask, other=0.0) - mh)
+        yz = _ld(pp, OFF + k, R, offs, mask, bp, b, HAS_BIAS, CLAMP)
+        yx = _ld(pp, OFF + K + k, R, offs, mask, bp, b, HAS_BIAS, CLAMP)
         cfz = -gam_z + tl.where(k < idx, -gxw, 0.0) + tl.where(k == idx, -gw_neg, 0.0)
         cfx = -gam_x + tl.where(k < idx, g_in, 0.0) + tl.where(k == idx, g_h, 0.0)
-        tl.store(gq + (OFF + k) * R + offs, cfz * rz * ez, mask=mask)
-        tl.store(gq + (OFF + K + k) * R + offs, cfx * rx * ex, mask=mask)
+        tl.store(gq + (OFF + k) * R + offs, _dclamp(cfz * rz * tl.exp(yz - mz), yz, b, CLAMP), mask=mask)
+        tl.store(gq + (OFF + K + k) * R + offs, _dclamp(cfx * rx * tl.exp(yx - mh), yx, b, CLAMP), mask=mask)
     gr0 = _dsoftplus(raw0 + cst) * g_d0
     gr1 = _dsoftplus(raw1 + cst) * g_d1
     for j in tl.static_range(K + 1):  # the two raw knot slopes of the bin
         g = tl.where(j == idx, gr0, 0.0) + tl.where(j == idx + 1, gr1, 0.0)
+        if CLAMP:
+            g = _dclamp(g, _ld(pp, OFF + 2 * K + j, R, offs, mask, bp, b, HAS_BIAS, CLAMP), b, CLAMP)
         tl.store(gq + (OFF + 2 * K + j) * R + offs, g, mask=mask)
 
 
@@ -315,9 +348,9 @@ def _scalars(values: tuple[float, ...], dtype: torch.dtype, device: torch.device
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _spec(fam, like: Tensor) -> Tensor:
+def _spec(fam, like: Tensor, clamp: float = 0.0) -> Tensor:
     cst = math.log(math.expm1(1.0 - fam.min_slope))  # _positive's offset, as _native._args
-    values = (float(fam.bound), float(fam.min_width), float(fam.min_slope), cst)
+    values = (float(fam.bound), float(fam.min_width), float(fam.min_slope), cst, float(clamp))
     return _scalars(values, like.dtype, like.device)
 
 
@@ -333,7 +366,8 @@ def _grid(L: int, R: int) -> tuple[tuple[int], int]:
     return (L * nrb,), nrb
 
 
-def forward(zt: Tensor, pt: Tensor, fam, name: str = "forward") -> tuple[Tensor, Tensor]:
+def forward(zt: Tensor, pt: Tensor, fam, name: str = "forward", bias: Tensor | None = None, clamp: float = 0.0
+            ) -> tuple[Tensor, Tensor]:
     """As :func:`krflows.transforms._native.forward`, on a CUDA device."""
     L, R = zt.shape
     X, Ld = torch.empty_like(zt), torch.empty_like(zt)
@@ -341,20 +375,25 @@ def forward(zt: Tensor, pt: Tensor, fam, name: str = "forward") -> tuple[Tensor,
         grid, nrb = _grid(L, R)
         kernel = _inverse_kernel if name == "inverse" else _forward_kernel
         with _device(zt):
-            kernel[grid](zt, pt, X, Ld, _spec(fam, zt), R, nrb, K=fam.bins, AFF=int(fam.affine), BLOCK=BLOCK)
+            kernel[grid](zt, pt, pt if bias is None else bias, X, Ld, _spec(fam, zt, clamp), R, nrb,
+                         K=fam.bins, AFF=int(fam.affine), HAS_BIAS=bias is not None, CLAMP=clamp > 0,
+                         BLOCK=BLOCK)
     return X, Ld
 
 
-def backward(zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Tensor | None, fam) -> tuple[Tensor, Tensor]:
+def backward(zt: Tensor, pt: Tensor, gX: Tensor | None, gL: Tensor | None, fam, bias: Tensor | None = None,
+             clamp: float = 0.0) -> tuple[Tensor, Tensor]:
     """As :func:`krflows.transforms._native.backward`, on a CUDA device."""
     L, R = zt.shape
     gz, gp = torch.empty_like(zt), torch.empty_like(pt)
     if L * R:
         grid, nrb = _grid(L, R)
         with _device(zt):
-            _backward_kernel[grid](zt, pt, zt if gX is None else gX, zt if gL is None else gL, gz, gp,
-                                   _spec(fam, zt), R, nrb, K=fam.bins, AFF=int(fam.affine),
-                                   HAS_GX=gX is not None, HAS_GL=gL is not None, BLOCK=BLOCK)
+            _backward_kernel[grid](zt, pt, pt if bias is None else bias, zt if gX is None else gX,
+                                   zt if gL is None else gL, gz, gp, _spec(fam, zt, clamp), R, nrb,
+                                   K=fam.bins, AFF=int(fam.affine), HAS_GX=gX is not None,
+                                   HAS_GL=gL is not None, HAS_BIAS=bias is not None, CLAMP=clamp > 0,
+                                   BLOCK=BLOCK)
     return gz, gp
 
 

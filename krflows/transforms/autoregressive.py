@@ -21,7 +21,10 @@ class AutoregressiveTransform(TriangularTransform):
     are exact, because ``θ_i`` depends on ``z_{<i}`` only. A conditioner with a
     ``coordinate(z_head, i)`` method (:class:`~krflows.nn.MaskedMLP`) computes only
     coordinate ``i``'s parameters in pass ``i``, so the whole inverse costs about one
-    forward pass; any other conditioner is evaluated in full ``d`` times. The passes are ordinary
+    forward pass; any other conditioner is evaluated in full ``d`` times. In the forward direction,
+    a conditioner with a ``raw(z)`` method (:meth:`~krflows.nn.MaskedMLP.raw`: its output before
+    the output layer's bias and soft clamp) hands the family those three where the family
+    ``folds`` them into its kernels (:meth:`~krflows.transforms.Spline.forward_raw`). The passes are ordinary
     differentiable computations (not iterations towards a fixed point), so gradients
     through the inverse are exact; within a pass, root-finding families differentiate
     by the implicit function theorem.
@@ -42,6 +45,9 @@ class AutoregressiveTransform(TriangularTransform):
         return self.dim, next(iter(params()), None) if callable(params) else None
 
     def call_and_log_diag(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        raw = getattr(self.conditioner, "raw", None)
+        if raw is not None and getattr(self.family, "folds", None) and self.family.folds(z):
+            return self.family.forward_raw(z, *raw(z))
         return self.family.forward(z, self.conditioner(z))
 
     def inverse_and_log_diag(self, x: Tensor) -> tuple[Tensor, Tensor]:
