@@ -258,8 +258,8 @@ class MaskedMLP(nn.Module):
         """``(out, bias, bound)``: the output before the output layer's bias and the soft clamp, as
         the parameter-major ``(*, d, P)`` view :meth:`forward` returns, the bias ``(d, P)`` and the
         bound, so that ``self(z)`` is ``bound * tanh((out + bias) / bound)``. For a family that adds
-        and clamps as it reads (:meth:`krflows.transforms.Spline.forward_raw`), which saves two
-        passes over the whole output each way."""
+        and clamps as it reads (:meth:`krflows.transforms.Spline.forward_raw`), which saves the
+        clamp's pass over the whole output each way."""
         h = self.hidden(z.reshape(-1, self.dim))
         out = self.out.forward_t(h, bias=False).view(self.dim, self.n_params, h.shape[0])
         bias = None if self.out.bias is None else self.out.bias.view(self.dim, self.n_params)

@@ -115,6 +115,7 @@ class Spline(MonotoneFamily):
     run in Triton (``krflows/transforms/_spline_triton.py``, where Triton is installed, as it is
     with torch's CUDA wheels). Under torch.compile the same kernels run as torch custom operators
     (:func:`krflows.transforms._native.spline_op`: the compiler fuses only the code around them).
+    :meth:`forward_raw` has the kernels apply a conditioner's output bias and soft clamp as well.
     On other devices, under torch.func transforms and for double backward the plain operations
     (:meth:`_forward_ops`, :meth:`_inverse_ops`) run.
     """
@@ -485,7 +486,7 @@ class _SplineForward(torch.autograd.Function):
     def forward(ctx, z: Tensor, params: Tensor, fam: Spline, bias: Tensor | None = None, clamp: float = 0.0
                 ) -> tuple[Tensor, Tensor]:
         # with bias or clamp (Spline.forward_raw): params are the conditioner's raw output, param-major,
-        # and the C kernels fold them in
+        # and the kernels fold them in
         pt, zt, native = _SplineForward._layout(z, params)
         ctx.fam, ctx.native, ctx.points, ctx.clamp = fam, native, tuple(zt.shape), clamp
         lib = _native.kernel(zt)
@@ -494,7 +495,7 @@ class _SplineForward(torch.autograd.Function):
             X, Ld = _native.forward(lib, zt, pt, fam, "forward", bias, clamp)
             ctx.save_for_backward(z, params, zt, pt, bias)
         elif bias is not None or clamp > 0:
-            raise ValueError("a spline call with bias or clamp needs the C kernels (Spline.folds)")
+            raise ValueError("a spline call with bias or clamp needs the fused kernels (Spline.folds)")
         else:
             X, Ld = _SplineForward._forward_ops(ctx, z, params, pt, zt, fam)
         return _SplineForward._points_out(ctx, X, z.shape), _SplineForward._points_out(ctx, Ld, z.shape)
