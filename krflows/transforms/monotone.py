@@ -243,10 +243,14 @@ class Spline(MonotoneFamily):
         clamp the parameters as they read them, and their backward recomputes that and multiplies
         the parameters' gradient by the clamp's derivative as it writes it: no pass of the
         conditioner's output of its own and no call of the clamp each way, the same values (up to
-        rounding: the bias is added after the product instead of in it) and the same memory (the
-        output before the clamp is kept instead of after it). A training step of the benchmark's
-        flow (funnel-10, 4 layers, CPU, 2 threads, eager, both in one process) took 0.98 of the
-        time at B = 512 and 0.95-0.96 at 4096."""
+        rounding: the bias is added after the product instead of in it) and the same memory saved
+        for backward (the output before the clamp instead of after it).
+
+        What it is for is the GPU, where a pass over the output is memory traffic (:meth:`folds`).
+        On the CPU it is within the machine's noise: the benchmark's flow (funnel-10, 4 layers,
+        2 threads, eager), folded against not, in one process, five pairs each: training step 0.96-1.00
+        of the time at B = 512, 0.95-1.02 at 4096; sampling at 4096 0.91-1.02x the samples/s. The
+        CPU takes it anyway, so that its tests cover the code CUDA devices run."""
         if self.folds(z) and raw.shape[:-1] == z.shape:
             if _eager_functions() and _SplineForward.param_major(raw):
                 return _SplineForward.apply(z, raw, self, bias, bound)
