@@ -97,10 +97,15 @@ def test_the_device_runs_the_triton_kernels():
     lib = _native.kernel(zt)
     if lib is None:
         pytest.skip(f"no C kernel to compare with: {_native.status()}")
+    bias = torch.randn(4, fam.n_params, generator=g, dtype=torch.float64)
     on = [t.to(DEVICE) for t in (zt, pt, gX, gL)]
-    pairs = [(_native.forward(_spline_triton, *on[:2], fam, name), _native.forward(lib, zt, pt, fam, name))
-             for name in ("forward", "inverse")]
-    pairs.append((_native.backward(_spline_triton, *on, fam), _native.backward(lib, zt, pt, gX, gL, fam)))
+    pairs = []
+    for fold in ((None, 0.0), (bias, 4.0)):  # and a conditioner's bias and clamp folded in (forward_raw)
+        fold_on = (None if fold[0] is None else fold[0].to(DEVICE), fold[1])
+        pairs += [(_native.forward(_spline_triton, *on[:2], fam, name, *fold_on),
+                   _native.forward(lib, zt, pt, fam, name, *fold)) for name in ("forward", "inverse")]
+        pairs.append((_native.backward(_spline_triton, *on, fam, *fold_on),
+                      _native.backward(lib, zt, pt, gX, gL, fam, *fold)))
     for got, want in pairs:
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a.cpu(), b, atol=1e-9, rtol=1e-9)
