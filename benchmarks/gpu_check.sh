@@ -7,7 +7,7 @@
 # the other, 220 s of it the compiled runs' cold compilation; so the untimed steps (CUDA tests,
 # fit) now run side by side with two warm-up runs of the compiled benchmarks (tiny settings, same
 # compiled graphs: they fill inductor's on-disk caches), and only then, alone on the GPU, the
-# three timed runs. Set GPU_CHECK_*_TIMEOUT to fit a lease.
+# three timed runs and a profile of compiled sampling. Set GPU_CHECK_*_TIMEOUT to fit a lease.
 #
 #   bash benchmarks/gpu_check.sh                 # on a GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run       # the same steps on the CPU, tiny budgets (~2 min)
@@ -40,6 +40,7 @@ if [[ $DRY == 1 ]]; then
   BENCH_COMPILED=(--device cpu --quick --batches 64 256 --libs krflows-compile,zuko-compile --threads 1
                   --dynamic --sample-only)
   CUDA_TESTS=(tests/test_cuda.py -m cuda -q -p no:cacheprovider)
+  PROFILE=(--device cpu --table --sample krflows-compile 64)
 else
   OUT="${OUT:-benchmarks/RESULTS_gpu.md}"
   ACCEL=gpu; DEVICE=cuda; FIT_STEPS=500
@@ -58,6 +59,10 @@ else
   BENCH_CUDAGRAPHS=(--device cuda --batches 4096 65536 --dynamic --sample-only
                     --libs "${GPU_CHECK_CUDAGRAPHS_LIBS:-krflows-compile-cg,zuko-compile-cg}")
   CUDA_TESTS=(tests/test_cuda.py -m cuda -q -p no:cacheprovider)
+  # where compiled sampling's time goes (wall vs kernel time, launches, top kernels), krflows-compile
+  # first in a process of its own: the 2026-11-27 profile of four libraries in one process read
+  # 2.28 ms per call where the benchmark measured 1.45 ms; -unfolded: the fold's A/B as kernels
+  PROFILE=(--device cuda --table --sample krflows-compile,krflows-compile-unfolded 65536)
 fi
 [[ $DRY == 1 ]] && BENCH_CUDAGRAPHS=()  # CUDA only
 
@@ -132,6 +137,7 @@ TOTAL_START=$(date +%s.%N)
 BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-300}"  # seconds for the eager benchmark run
 COMPILED_TIMEOUT="${GPU_CHECK_COMPILED_TIMEOUT:-$BENCH_TIMEOUT}"  # and for the compiled one
 CUDAGRAPHS_TIMEOUT="${GPU_CHECK_CUDAGRAPHS_TIMEOUT:-200}"  # and for the CUDA-graphs one (0: skip it)
+PROFILE_TIMEOUT="${GPU_CHECK_PROFILE_TIMEOUT:-90}"  # and for the profile (0: skip it)
 [[ $CUDAGRAPHS_TIMEOUT == 0 ]] && BENCH_CUDAGRAPHS=()
 run_step card card_info
 # untimed, side by side: the correctness steps, and the compiled runs' compilation (tiny settings,
@@ -155,6 +161,9 @@ if [[ ${#BENCH_CUDAGRAPHS[@]} -gt 0 ]]; then
   run_step benchmark_cudagraphs timeout "$CUDAGRAPHS_TIMEOUT" "$PYTHON" benchmarks/bench_training.py \
     "${BENCH_CUDAGRAPHS[@]}" --only throughput --out "$WORK/benchmark_cudagraphs.md"
   RUNS+=(benchmark_cudagraphs)
+fi
+if [[ $PROFILE_TIMEOUT != 0 ]]; then
+  run_step profile timeout "$PROFILE_TIMEOUT" "$PYTHON" benchmarks/profile_step.py "${PROFILE[@]}"
 fi
 TOTAL=$(since "$TOTAL_START" %.0f)
 
@@ -204,6 +213,13 @@ mkdir -p "$(dirname "$OUT")"
     fi
     echo
   done
+  if [[ -s "$WORK/profile.log" ]]; then
+    echo "## Profile of compiled sampling (\`python benchmarks/profile_step.py ${PROFILE[*]}\`)"
+    echo
+    echo '```'
+    grep -vE 'Warning|warn\(|^USDT|^ *$' "$WORK/profile.log" | tail -n 60
+    echo '```'
+  fi
 } > "$OUT"
 echo "=== [gpu_check] wrote $OUT ($TOTAL s in all)"
 exit "$FAILED"

@@ -32,12 +32,13 @@ def test_gpu_check_dry_run_writes_a_report(tmp_path):
                           cwd=REPO, env=env, timeout=600, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
-    for step in ("card", "cuda_tests", "fit", "warm_compiled", "benchmark", "benchmark_compiled"):
+    for step in ("card", "cuda_tests", "fit", "warm_compiled", "benchmark", "benchmark_compiled", "profile"):
         assert f"| {step} | " in text and f"[gpu_check] {step}: ok in " in proc.stdout
     assert "skipped" in text and "ESS/N" in text
     assert "| metric | krflows | zuko |" in text and "mlp-floor" in text
     assert "| metric | krflows-compile | zuko-compile |" in text and "dynamic=True" in text
     assert "| mlp-floor-compile ms |" in text  # the compiled run's floor is compiled too
+    assert "| 64 | krflows-compile |" in text  # the profile's row
 
 
 @pytest.mark.slow
