@@ -270,6 +270,15 @@ def test_nan_parameters_poison_their_point_only(impl):
     z_nan = z.detach().clone()
     z_nan[3, 0] = float("nan")
     assert fam.forward(z_nan, params)[0][3, 0].isnan()
+    # folded (forward_raw): a NaN or infinite raw output, the clamp's saturation at +-inf included
+    raw = _pm(params * 3)
+    with torch.no_grad():
+        raw[7, 0, 5], raw[9, 1, 3] = float("inf"), -float("inf")
+    x, log_d = fam.forward_raw(z.detach(), raw, None, 4.0)
+    x_ref, log_d_ref = fam._forward_ops(z.detach(), 4.0 * torch.tanh(raw / 4.0))
+    assert x[7, 1].isnan() and log_d[7, 1].isnan()
+    assert torch.allclose(x[keep], x_ref[keep], rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(x[[7, 9], [0, 1]]).all()
 
 
 @pytest.mark.parametrize("impl", ["kernel"], indirect=True)
