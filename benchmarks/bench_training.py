@@ -63,19 +63,21 @@ import krflows
 from krflows.diagnostics import ess
 
 LIBRARIES = ("krflows", "krflows-compile", "krflows-compile-cg", "krflows-unfolded",
-             "krflows-compile-unfolded", "zuko", "zuko-compile", "zuko-compile-cg", "nflows", "pyro")
+             "krflows-compile-unfolded", "krflows-compile-blocked", "zuko", "zuko-compile", "zuko-compile-cg",
+             "nflows", "pyro")
 # torch.compile'd hot paths; not in --quick's default
-COMPILED = ("krflows-compile", "krflows-compile-cg", "krflows-compile-unfolded", "zuko-compile",
-            "zuko-compile-cg")
+COMPILED = ("krflows-compile", "krflows-compile-cg", "krflows-compile-unfolded", "krflows-compile-blocked",
+            "zuko-compile", "zuko-compile-cg")
 # CUDA graphs (mode="reduce-overhead"): not in a CPU run's default
 CUDA_ONLY = ("krflows-compile-cg", "zuko-compile-cg")
 # krflows without one of its optimizations, for an A/B in one process: only when named in --libs
-AB_ONLY = ("krflows-unfolded", "krflows-compile-unfolded")
+AB_ONLY = ("krflows-unfolded", "krflows-compile-unfolded", "krflows-compile-blocked")
 # (numerator, denominator) of the ratio columns
 RATIOS = (("krflows", "zuko"), ("krflows", "nflows"), ("krflows", "pyro"),
           ("krflows-compile", "zuko"), ("krflows-compile", "zuko-compile"),
           ("krflows-compile-cg", "zuko-compile"), ("krflows-compile-cg", "zuko-compile-cg"),
-          ("krflows", "krflows-unfolded"), ("krflows-compile", "krflows-compile-unfolded"))
+          ("krflows", "krflows-unfolded"), ("krflows-compile", "krflows-compile-unfolded"),
+          ("krflows-compile", "krflows-compile-blocked"))
 FLOOR = "mlp-floor"  # the conditioner MLPs alone, timed with the libraries (see `FloorTrainer`)
 FLOOR_COMPILED = "mlp-floor-compile"  # the same under torch.compile: the floor of krflows-compile
 BIMODAL_WEIGHTS = (0.3, 0.7)
@@ -286,6 +288,22 @@ def build_krflows_unfolded(d: int, s: Settings, compiled: bool = False) -> Model
     return replace(model, name="krflows-compile-unfolded" if compiled else "krflows-unfolded")
 
 
+def build_krflows_blocked(d: int, s: Settings) -> Model:
+    """The compiled krflows flow with the masked layers' block products on every device
+    (``MaskedLinear.blocked_anywhere``; the CPU takes them anyway): they skip the masked-out third
+    of the products (from ``block_rows`` rows: B >= 7767 for the output layer, 32768 for the second
+    hidden layer), which the dense product multiplies. Their A/B on a GPU at large batches."""
+    model = build_krflows(d, s)
+    for m in model.module.modules():
+        if isinstance(m, krflows.nn.MaskedLinear):
+            m.blocked_anywhere = True
+    model.module.compile(dynamic=s.dynamic)
+    return replace(model, name="krflows-compile-blocked")
+
+
+BUILDERS["krflows-compile-blocked"] = build_krflows_blocked
+CONSTRUCTION["krflows-compile-blocked"] = ("`krflows-compile` with every `MaskedLinear.blocked_anywhere = "
+                                           "True`: block products of the masked layers on every device")
 BUILDERS["krflows-unfolded"] = build_krflows_unfolded
 BUILDERS["krflows-compile-unfolded"] = partial(build_krflows_unfolded, compiled=True)
 CONSTRUCTION["krflows-unfolded"] = ("the krflows flow with `flow.family.folds = lambda z: False`: the "

@@ -44,14 +44,15 @@ if [[ $DRY == 1 ]]; then
 else
   OUT="${OUT:-benchmarks/RESULTS_gpu.md}"
   ACCEL=gpu; DEVICE=cuda; FIT_STEPS=500
-  # krflows*-unfolded: the same flows without the fold of the conditioners' bias and clamp into the
-  # spline's kernels (Spline.folds), the A/B of that fold, not yet measured on a GPU: drop them once it is
+  # A/B libraries, not yet measured on a GPU (drop them once they are): krflows*-unfolded, the same
+  # flows without the fold of the conditioners' bias and clamp into the spline's kernels
+  # (Spline.folds); krflows-compile-blocked, with the masked layers' block products (B = 65536)
   BENCH=(--device cuda --batches 4096 65536 --libs "${GPU_CHECK_LIBS:-krflows,krflows-unfolded,zuko}")
   # compiled once per library for both batch sizes (--dynamic), sampling only (--sample-only):
   # on a bare machine every compilation is cold, and the inverse's (log_prob: d passes per layer,
   # unrolled) took minutes, which made the first GPU run overrun its lease
   BENCH_COMPILED=(--device cuda --batches 4096 65536 --dynamic --sample-only
-                  --libs "${GPU_CHECK_COMPILED_LIBS:-krflows-compile,krflows-compile-unfolded,zuko-compile}")
+                  --libs "${GPU_CHECK_COMPILED_LIBS:-krflows-compile,krflows-compile-unfolded,krflows-compile-blocked,zuko-compile}")
   # CUDA graphs in a run of their own, last, both libraries (like for like), sampling only: on
   # torch 2.11 (H100, 2026-11-27) the compiled backward under mode="reduce-overhead" segfaulted
   # in zuko's training step as in krflows' (each library alone, in its own process), so the

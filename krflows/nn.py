@@ -28,10 +28,10 @@ class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed 0/1 mask ``(out, in)``.
 
     When every row of the mask is a prefix (row ``r`` sees inputs ``< p_r``, ``p_r``
-    non-decreasing: a MADE mask with sorted degrees), large eager batches on the CPU are
-    computed in ``blocks`` row blocks that each read only their inputs' prefix, skipping the
-    masked-out upper triangle (about a third of the multiply-adds of an autoregressive
-    network). Dense libraries (zuko, nflows) multiply those zeros. Same result.
+    non-decreasing: a MADE mask with sorted degrees), large batches on the CPU (eager and
+    compiled) are computed in ``blocks`` row blocks that each read only their inputs' prefix,
+    skipping the masked-out upper triangle (about a third of the multiply-adds of an
+    autoregressive network). Dense libraries (zuko, nflows) multiply those zeros. Same result.
     """
 
     #: the dense product's multiply-adds (batch rows x out x in) from which eager CPU code takes the
@@ -42,17 +42,23 @@ class MaskedLinear(nn.Linear):
     #: 130 M. In a whole eager training step (funnel-10, 4 layers, B = 4096) the output layers'
     #: blocks at 71 M still cost 8% (49.8 against 45.9 ms per step with every product dense), and
     #: with every layer in blocks (the rule before: 1024 rows and up) 16% at B = 1024-4096.
-    #: Compiled code and other devices always take the one dense product: compiled, the blocks'
-    #: slices, concatenation and zero-filled slice gradients cost more than the skipped
-    #: multiply-adds (funnel-10's compiled training step, 2 threads, both in one process: 11.9 ->
-    #: 10.0-10.5 ms at B = 512, 43.4 -> 39.2 ms at 4096); on a GPU the products are launch-bound
-    #: (H100, eager: ~20 µs of host time per kernel against microseconds of arithmetic at these
-    #: widths), and the blocks cost three products, a concatenation and, backward, a zero-filled
-    #: gradient per sliced input instead of one product
+    #: Compiled CPU code takes them by the same rule, as a concatenation that inductor plans away
+    #: (the compiled benchmark flow, 2 threads, blocks / dense in one process: sampling 0.89-0.94
+    #: of the time at B = 8192 and 16384, training step 0.96 and 0.99); with every layer in blocks
+    #: from 1024 rows (the rule before) compiled steps were slower (11.9 against 10.0-10.5 ms at
+    #: B = 512, 43.4 against 39.2 ms at 4096). Other devices take the one dense product (unless
+    #: :attr:`blocked_anywhere`): on a GPU the products are launch-bound (H100, eager: ~20 µs of
+    #: host time per kernel against microseconds of arithmetic at these widths), and the blocks cost
+    #: three products, a concatenation and, backward, a zero-filled gradient per sliced input
+    #: instead of one product
     block_work = 2 ** 27
     #: the fewest batch rows that take the block products (each layer sets its own from
     #: :attr:`block_work`, never fewer than this)
     block_rows = 1024
+    #: block products (from :attr:`block_rows` rows) on every device, not only the CPU: off by
+    #: default (launch-bound, above); on for measuring them where a GPU's products are not
+    #: launch-bound, compiled at large batches (the benchmark's ``krflows-compile-blocked``)
+    blocked_anywhere = False
 
     def __init__(self, mask: Tensor, bias: bool = True, blocks: int = 3):
         super().__init__(mask.shape[1], mask.shape[0], bias=bias)
@@ -61,10 +67,11 @@ class MaskedLinear(nn.Linear):
         self.block_rows = max(MaskedLinear.block_rows, -(-self.block_work // mask.numel()))
 
     def _blocked(self, x: Tensor) -> bool:
-        """Whether the points ``x`` ``(*, in)`` take the block products: eager CPU code on
-        batches of :attr:`block_rows` or more."""
-        return (bool(self.blocks) and not _native.launch_bound(x) and not torch.compiler.is_compiling()
-                and x.shape[:-1].numel() >= self.block_rows)
+        """Whether the points ``x`` ``(*, in)`` take the block products: on the CPU (any device
+        with :attr:`blocked_anywhere`), batches of :attr:`block_rows` or more."""
+        # the batch size last: compiled code must not guard on it where the answer is no anyway
+        where = self.blocked_anywhere or not _native.launch_bound(x)
+        return bool(self.blocks) and where and x.shape[:-1].numel() >= self.block_rows
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight * self.mask
@@ -79,10 +86,13 @@ class MaskedLinear(nn.Linear):
         contiguously, at the cost of ``forward`` (the product with a transposed operand); without
         the bias with ``bias=False``."""
         w = self.weight * self.mask
+        b = self.bias.unsqueeze(-1) if bias and self.bias is not None else None
         if not self._blocked(x):
-            return torch.addmm(self.bias.unsqueeze(-1), w, x.T) if bias and self.bias is not None else w @ x.T
-        b = self.bias if bias and self.bias is not None else w.new_zeros(w.shape[0])
-        return _BlockedLinearT.apply(x, w, b.unsqueeze(-1), self.blocks)
+            return w @ x.T if b is None else torch.addmm(b, w, x.T)
+        if torch.compiler.is_compiling():  # the concatenation, which inductor plans away
+            return torch.cat([w[r0:r1, :p] @ x[:, :p].T if b is None else
+                              torch.addmm(b[r0:r1], w[r0:r1, :p], x[:, :p].T) for r0, r1, p in self.blocks])
+        return _BlockedLinearT.apply(x, w, w.new_zeros(w.shape[0], 1) if b is None else b, self.blocks)
 
 
 class _BlockedLinearT(torch.autograd.Function):

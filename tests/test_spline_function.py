@@ -529,6 +529,44 @@ def test_compiled_flow_calls_the_kernels(monkeypatch, impl, fold):
         assert torch.allclose(log_q, eager.log_prob(ref[0]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["kernel"], indirect=True)
+def test_compiled_block_products_are_the_dense_ones(impl):
+    """Compiled code on the CPU takes the block products from ``block_rows`` rows, as a
+    concatenation, for the hidden and the output layers (``blocked_anywhere``: on every device, as
+    the benchmark's ``krflows-compile-blocked`` on a GPU); samples, log q and every gradient as the
+    eager flow's dense products, float64."""
+    torch.manual_seed(0)
+    eager = krflows.KRFlow(5, layers=2, hidden=(64, 64)).double()
+    for p in eager.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    blocked, dense = copy.deepcopy(eager), copy.deepcopy(eager).compile(dynamic=False)
+    layers = [m for m in blocked.modules() if isinstance(m, krflows.nn.MaskedLinear) and m.blocks]
+    assert len(layers) == 4  # each conditioner's second hidden layer and output layer
+    for m in layers:
+        m.block_rows = 1
+    blocked.compile(dynamic=False)
+
+    def products(flow):  # the matrix products a compiled sampling call runs (after its compilation)
+        with torch.no_grad():
+            flow.rsample_and_log_prob((64,))
+            with torch.profiler.profile() as prof:
+                flow.rsample_and_log_prob((64,))
+        return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+    assert products(blocked) == products(dense) + 2 * 4  # three products instead of one per layer
+
+    def step(flow):
+        torch.manual_seed(1)
+        x, log_q = flow.rsample_and_log_prob((64,))
+        grads = torch.autograd.grad((x.square().sum(-1) + log_q).mean(), list(flow.parameters()))
+        return x.detach(), log_q.detach(), grads
+
+    ref, got = step(eager), step(blocked)
+    for a, b in zip((*got[:2], *got[2]), (*ref[:2], *ref[2]), strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_soft_clamp_is_bound_tanh(impl):
     """:class:`krflows.nn.SoftClamp` (one C pass each way with the kernel, torch operations without)
     against ``bound * tanh(x / bound)`` by torch: float64 to rounding, float32 to a few ulp of the
