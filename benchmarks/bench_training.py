@@ -277,38 +277,42 @@ def build_krflows_cudagraphs(d: int, s: Settings) -> Model:
     return replace(model, name="krflows-compile-cg")
 
 
-def build_krflows_unfolded(d: int, s: Settings, compiled: bool = False) -> Model:
-    """The krflows flow whose spline does not fold the conditioners' output bias and soft clamp into
-    its kernels (``Spline.folds`` off: they run as the conditioner's own operations, as before the
-    fold): the A/B of that fold, eager and compiled (compiled CPU code does not fold anyway)."""
-    model = build_krflows(d, s)
-    model.module.family.folds = lambda z: False
-    if compiled:
-        model.module.compile(dynamic=s.dynamic)
-    return replace(model, name="krflows-compile-unfolded" if compiled else "krflows-unfolded")
+def _unfolded(flow: krflows.KRFlow) -> None:
+    """The spline does not fold the conditioners' output bias and soft clamp into its kernels
+    (``Spline.folds`` off: they run as the conditioner's own operations, as before the fold)."""
+    flow.family.folds = lambda z: False
 
 
-def build_krflows_blocked(d: int, s: Settings) -> Model:
-    """The compiled krflows flow with the masked layers' block products on every device
-    (``MaskedLinear.blocked_anywhere``; the CPU takes them anyway): they skip the masked-out third
-    of the products (from ``block_rows`` rows: B >= 7767 for the output layer, 32768 for the second
-    hidden layer), which the dense product multiplies. Their A/B on a GPU at large batches."""
-    model = build_krflows(d, s)
-    for m in model.module.modules():
+def _blocked(flow: krflows.KRFlow) -> None:
+    """The masked layers take their block products on every device (``MaskedLinear.blocked_anywhere``;
+    the CPU takes them anyway), from ``block_rows`` rows: B >= 7767 for the output layers, 32768 for
+    the second hidden layers."""
+    for m in flow.modules():
         if isinstance(m, krflows.nn.MaskedLinear):
             m.blocked_anywhere = True
-    model.module.compile(dynamic=s.dynamic)
-    return replace(model, name="krflows-compile-blocked")
 
 
-BUILDERS["krflows-compile-blocked"] = build_krflows_blocked
-CONSTRUCTION["krflows-compile-blocked"] = ("`krflows-compile` with every `MaskedLinear.blocked_anywhere = "
-                                           "True`: block products of the masked layers on every device")
-BUILDERS["krflows-unfolded"] = build_krflows_unfolded
-BUILDERS["krflows-compile-unfolded"] = partial(build_krflows_unfolded, compiled=True)
-CONSTRUCTION["krflows-unfolded"] = ("the krflows flow with `flow.family.folds = lambda z: False`: the "
-                                    "conditioners' output bias and clamp as their own operations")
-CONSTRUCTION["krflows-compile-unfolded"] = "`krflows-unfolded` after `flow.compile()`"
+def build_krflows_variant(d: int, s: Settings, name: str, change: Callable[[krflows.KRFlow], None],
+                          compiled: bool) -> Model:
+    """The krflows flow with one of its optimizations changed (``change``), compiled or not: an A/B
+    of that optimization in one process (``AB_ONLY``: timed only when named in ``--libs``)."""
+    model = build_krflows(d, s)
+    change(model.module)
+    if compiled:
+        model.module.compile(dynamic=s.dynamic)
+    return replace(model, name=name)
+
+
+for _name, _change, _compiled, _what in (
+        ("krflows-unfolded", _unfolded, False,
+         "the krflows flow with `flow.family.folds = lambda z: False`: the conditioners' output bias and "
+         "clamp as their own operations"),
+        ("krflows-compile-unfolded", _unfolded, True, "`krflows-unfolded` after `flow.compile()`"),
+        ("krflows-compile-blocked", _blocked, True,
+         "`krflows-compile` with every `MaskedLinear.blocked_anywhere = True`: block products of the "
+         "masked layers on every device")):
+    BUILDERS[_name] = partial(build_krflows_variant, name=_name, change=_change, compiled=_compiled)
+    CONSTRUCTION[_name] = _what
 BUILDERS["krflows-compile-cg"] = build_krflows_cudagraphs
 BUILDERS["zuko-compile-cg"] = partial(build_zuko_compiled, mode="reduce-overhead")
 CONSTRUCTION["krflows-compile-cg"] = ("the krflows flow after `flow.compile(mode='reduce-overhead')` "
