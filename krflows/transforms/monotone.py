@@ -248,8 +248,8 @@ class Spline(MonotoneFamily):
 
         What it is for is the GPU, where a pass over the output is memory traffic (:meth:`folds`).
         On the CPU it is within the machine's noise: the benchmark's flow (funnel-10, 4 layers,
-        2 threads, eager), folded against not, in one process, five pairs each: training step 0.96-1.00
-        of the time at B = 512, 0.95-1.02 at 4096; sampling at 4096 0.91-1.02x the samples/s. The
+        2 threads, eager), folded against not, in one process: training step 0.96-1.00 of the time at
+        B = 512, 0.95-1.02 at 4096 (five pairs each); sampling at 4096 0.91-1.02x the samples/s (four). The
         CPU takes it anyway, so that its tests cover the code CUDA devices run."""
         if self.folds(z) and raw.shape[:-1] == z.shape:
             if _eager_functions() and _SplineForward.param_major(raw):
