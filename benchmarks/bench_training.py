@@ -62,7 +62,7 @@ from torch import Tensor
 import krflows
 from krflows.diagnostics import ess
 
-LIBRARIES = ("krflows", "krflows-compile", "krflows-compile-cg", "krflows-unfolded",
+LIBRARIES = ("krflows", "krflows-compile", "krflows-compile-cg", "krflows-unfolded", "krflows-whole",
              "krflows-compile-unfolded", "krflows-compile-blocked", "zuko", "zuko-compile", "zuko-compile-cg",
              "nflows", "pyro")
 # torch.compile'd hot paths; not in --quick's default
@@ -71,12 +71,13 @@ COMPILED = ("krflows-compile", "krflows-compile-cg", "krflows-compile-unfolded",
 # CUDA graphs (mode="reduce-overhead"): not in a CPU run's default
 CUDA_ONLY = ("krflows-compile-cg", "zuko-compile-cg")
 # krflows without one of its optimizations, for an A/B in one process: only when named in --libs
-AB_ONLY = ("krflows-unfolded", "krflows-compile-unfolded", "krflows-compile-blocked")
+AB_ONLY = ("krflows-unfolded", "krflows-whole", "krflows-compile-unfolded", "krflows-compile-blocked")
 # (numerator, denominator) of the ratio columns
 RATIOS = (("krflows", "zuko"), ("krflows", "nflows"), ("krflows", "pyro"),
           ("krflows-compile", "zuko"), ("krflows-compile", "zuko-compile"),
           ("krflows-compile-cg", "zuko-compile"), ("krflows-compile-cg", "zuko-compile-cg"),
-          ("krflows", "krflows-unfolded"), ("krflows-compile", "krflows-compile-unfolded"),
+          ("krflows", "krflows-unfolded"), ("krflows", "krflows-whole"),
+          ("krflows-compile", "krflows-compile-unfolded"),
           ("krflows-compile", "krflows-compile-blocked"))
 FLOOR = "mlp-floor"  # the conditioner MLPs alone, timed with the libraries (see `FloorTrainer`)
 FLOOR_COMPILED = "mlp-floor-compile"  # the same under torch.compile: the floor of krflows-compile
@@ -283,6 +284,11 @@ def _unfolded(flow: krflows.KRFlow) -> None:
     flow.family.folds = lambda z: False
 
 
+def _whole(flow: krflows.KRFlow) -> None:
+    """Every call over its whole batch: no chunks of ``KRFlow._chunk``'s size without autograd."""
+    flow._chunk = lambda x, direction: None
+
+
 def _blocked(flow: krflows.KRFlow) -> None:
     """The masked layers take their block products on every device (``MaskedLinear.blocked_anywhere``;
     the CPU takes them anyway), from ``block_rows`` rows: B >= 7767 for the output layers, 32768 for
@@ -307,6 +313,9 @@ for _name, _change, _compiled, _what in (
         ("krflows-unfolded", _unfolded, False,
          "the krflows flow with `flow.family.folds = lambda z: False`: the conditioners' output bias and "
          "clamp as their own operations"),
+        ("krflows-whole", _whole, False,
+         "the krflows flow with `flow._chunk = lambda x, direction: None`: batches without autograd "
+         "in one call, not in chunks of a cache's size"),
         ("krflows-compile-unfolded", _unfolded, True, "`krflows-unfolded` after `flow.compile()`"),
         ("krflows-compile-blocked", _blocked, True,
          "`krflows-compile` with every `MaskedLinear.blocked_anywhere = True`: block products of the "

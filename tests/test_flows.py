@@ -260,8 +260,9 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     flow = randomized(krflows.KRFlow(3, layers=1, hidden=(8,), compile=True), std=0.3)
     reference = randomized(krflows.KRFlow(3, layers=1, hidden=(8,)), std=0.3)
     torch.manual_seed(0)
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*eagerly"):
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*eagerly") as record:
         x, log_q = flow.rsample_and_log_prob((16,))
+    assert record[0].filename == __file__  # the warning names the caller's line
     torch.manual_seed(0)
     x_ref, log_q_ref = reference.rsample_and_log_prob((16,))
     assert torch.equal(x, x_ref) and torch.equal(log_q, log_q_ref)
@@ -269,6 +270,82 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once: later calls are silently eager
         flow.log_prob(x)
+
+
+def _chunks_of(monkeypatch, size: int) -> None:
+    """Makes KRFlow._chunk's rule give ``size`` points per chunk on the CPU in both directions."""
+    monkeypatch.setattr(krflows.flows, "_CHUNK_POINTS", {"cpu": (size, size), "device": (size, size)})
+
+
+@pytest.mark.parametrize("family", ["spline", "bernstein"])
+def test_large_batches_run_in_chunks_with_the_same_values(monkeypatch, family):
+    """Without autograd, a batch larger than KRFlow._chunk's size runs in chunks (on the CPU so
+    that each layer's parameters stay in the cache): the same samples, densities, maps and
+    inverses as calls of a few points each, which no rule chunks (oracle: those calls), in the
+    batch's own shape, and one pass per chunk."""
+    flow = make_flow(family, dim=3)
+    _chunks_of(monkeypatch, 300)
+    z = torch.randn(7, 150, 3, dtype=torch.float64)  # 1050 points: chunks of 300, 300, 300, 150
+    calls = []
+    push = flow._push
+    flow._push = lambda v: calls.append(v.shape) or push(v)
+    with torch.no_grad():
+        x, log_q, log_diag = flow.push(z)
+        assert calls == [(300, 3)] * 3 + [(150, 3)]
+        rows = [flow.push(z[i]) for i in range(7)]  # 150 points each: one call
+        for whole, parts in zip((x, log_q, log_diag), zip(*rows, strict=True), strict=True):
+            assert whole.shape == torch.stack(parts).shape
+            assert torch.allclose(whole, torch.stack(parts), rtol=1e-12, atol=1e-12)
+        lp = flow.log_prob(x)
+        rows = torch.stack([flow.log_prob(x[i]) for i in range(7)])
+        assert torch.allclose(lp, rows, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(lp, log_q, atol=1e-8)  # the inverse direction, another oracle
+        assert torch.allclose(flow.forward(z), x, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(flow.inverse(x), z, atol=1e-8)
+        torch.manual_seed(3)
+        xs, lqs = flow.rsample_and_log_prob((1050,))
+        torch.manual_seed(3)
+        zs = flow.base.rsample((1050,))
+        assert torch.allclose(xs, flow.forward(zs), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(lqs, flow.log_prob(xs), atol=1e-8)
+        assert flow.sample((2, 700)).shape == (2, 700, 3)
+
+
+def test_batches_are_whole_where_autograd_records(monkeypatch):
+    """With gradients recorded, one call over the batch (chunks would keep every chunk's saved
+    tensors anyway) and the gradient is the batch's; frozen parameters and plain points: chunks."""
+    flow = make_flow("spline", dim=3)
+    _chunks_of(monkeypatch, 300)
+    z = torch.randn(1050, 3, dtype=torch.float64)
+    calls = []
+    push = flow._push
+    flow._push = lambda v: calls.append(v.shape[0]) or push(v)
+    flow.push(z)[1].sum().backward()
+    assert calls == [1050] and all(net.out.weight.grad is not None for net in flow.conditioners)
+    flow.requires_grad_(False)
+    calls.clear()
+    flow.push(z)
+    assert calls == [300, 300, 300, 150]
+    calls.clear()
+    flow.push(z.requires_grad_())
+    assert calls == [1050]
+
+
+def test_chunk_sizes_follow_the_documented_rule():
+    """KRFlow._chunk: a cache's budget of parameters per layer on the CPU (8 MiB pushing, 64 MiB
+    pulling), 256 MiB elsewhere (the meta device stands for a GPU here); whole batches up to a
+    chunk, under no autograd only."""
+    flow = krflows.KRFlow(10)  # 27 parameters per coordinate: 1080 bytes per point in float32
+    big = torch.empty(10**6, 10)
+    with torch.no_grad():
+        assert flow._chunk(big, "push") == (8 << 20) // 1080 == 7767
+        assert flow._chunk(big, "pull") == 32768  # 62 137 by the budget, at most 32768
+        assert flow._chunk(big.double(), "push") == (8 << 20) // 2160
+        assert flow._chunk(torch.empty(10**7, 10, device="meta"), "push") == (256 << 20) // 1080
+        assert flow._chunk(torch.empty(7767, 10), "push") is None
+        assert flow._chunk(torch.empty(7768, 10), "push") == 7767
+        assert krflows.KRFlow(1000, layers=1)._chunk(torch.empty(10**5, 1000), "push") == 256  # the fewest
+    assert flow._chunk(big, "push") is None  # autograd on: whole
 
 
 def test_compiled_flow_survives_deepcopy_and_pickle(monkeypatch):
