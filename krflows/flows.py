@@ -33,7 +33,7 @@ __all__ = ["KRFlow", "LowerAffine"]
 
 # KRFlow._chunk's rule: bytes of the conditioners' parameters per chunk and layer, by direction
 # on the CPU and on other devices; the fewest and the most points per chunk
-_CHUNK_BYTES = {"cpu": {"push": 8 << 20, "pull": 64 << 20}, "device": {"push": 256 << 20, "pull": 256 << 20}}
+_CHUNK_BYTES = {"cpu": {"push": 12 << 20, "pull": 64 << 20}, "device": {"push": 256 << 20, "pull": 256 << 20}}
 _CHUNK_POINTS = {"cpu": (256, 32768), "device": (256, 1 << 20)}
 
 
@@ -355,20 +355,25 @@ class KRFlow(nn.Module):
 
         The size keeps the parameters the conditioners produce for a chunk and layer
         (``d * family.n_params`` floats per point, the largest tensor a pass writes and reads)
-        within a budget: on the CPU a cache's, 8 MiB for the push and 64 MiB for the pull (its
+        within a budget: on the CPU a cache's, 12 MiB for the push and 64 MiB for the pull (its
         ``d`` passes per layer each pay a fixed cost that larger chunks spread), 256 to 32768
         points; on other devices 256 MiB (their memory, not their caches: a GPU is fastest at
         the largest batch), up to 2^20 points. One call over all points writes each layer's
         parameters (0.4 GB at d = 10 and 400 000 points) to memory and reads them back; in chunks
-        they stay in the cache, and the peak memory is a chunk's. Measured on the 2-core CPU
-        (``KRFlow(d)``, float32, 2 threads, whole batch against this rule interleaved in one
-        process, two runs; samples/s of sampling with ``log q``, then of ``log_prob``): d = 2,
-        400 000 points: 5.2e5 -> 1.1-1.3e6 and 4.2e5 -> 0.66-1.0e6; d = 10, 200 000: 2.3-2.4e5 ->
-        4.7-5.8e5 and 1.2-1.3e5 -> 1.8-2.1e5; d = 50, 65 536: 7.2-7.4e4 -> 1.1-1.5e5 and
-        2.8-3.0e4 -> 2.7-3.5e4 (a wash); d = 100, 32 768: 3.7-3.9e4 -> 6.2-7.7e4 and 1.0-1.1e4 ->
-        1.1-1.3e4. The budgets are the best of 4-128 MiB (and 256-2048 points) in such runs, within
-        their noise (~10%); ``benchmarks/bench_training.py``'s ``krflows-whole`` is the flow without
-        chunks (B = 262 144, d = 10: 1.6-2.0x the samples/s, 1.5x ``log_prob``'s)."""
+        they stay in the cache, and the peak memory is a chunk's. At 12 MiB the output layers of
+        hidden width 64 take their block products (:class:`~krflows.nn.MaskedLinear`, from 8 MiB
+        of output), which 8 MiB chunks just missed.
+
+        Measured on the 2-core CPU (``KRFlow(d)``, float32, 2 threads, interleaved in one process;
+        samples/s of sampling with ``log q``, then of ``log_prob``), whole batch -> this rule:
+        d = 2, 400 000 points: 5.0e5 -> 9.9e5 and 4.1e5 -> 1.0e6; d = 10, 200 000: 2.4e5 -> 5.9e5
+        and 1.2e5 -> 2.2e5; d = 50, 65 536: 7.4e4 -> 1.5e5 and 2.8e4 -> 3.3e4; d = 100, 32 768:
+        3.8e4 -> 7.5e4 and 1.1e4 -> 1.3e4. The push budget is the best of 4, 8, 10, 12 and 16 MiB
+        (five interleaved repetitions; d = 10: 5.9, 5.7, 6.1, 6.2, 5.7e5; d = 50: 1.44, 1.46, 1.62,
+        1.61, 1.50e5; d = 100: 6.7, 7.2, 7.3, 7.8, 7.1e4), the pull's of 16-128 MiB (d = 50: 2.4,
+        3.0, 3.0, 2.9e4 at 16, 32, 64, 128; d = 100: 9.9e3, 1.21e4, 1.11e4 at 32, 64, 128);
+        the machine's noise is ~10%. ``benchmarks/bench_training.py``'s ``krflows-whole`` is the
+        flow without chunks."""
         where = "cpu" if x.device.type == "cpu" else "device"
         least, most = _CHUNK_POINTS[where]
         per_point = self.dim * self.family.n_params * x.element_size()
@@ -465,8 +470,8 @@ class KRFlow(nn.Module):
         """Samples ``x`` of shape ``(*shape, d)`` (no gradient).
 
         Without autograd (here, under ``torch.no_grad()``, or with the flow's parameters frozen),
-        every method runs a large batch in chunks: on the CPU of a cache's size (d = 10: 7767
-        points pushed, 32768 pulled by :meth:`log_prob`), twice the samples/s of one call at
+        every method runs a large batch in chunks: on the CPU of a cache's size (d = 10: 11650
+        points pushed, 32768 pulled by :meth:`log_prob`), about twice the samples/s of one call at
         10^5-10^6 points and a chunk's memory; elsewhere of 256 MiB of parameters per layer
         (``KRFlow._chunk``). Same values, same random numbers."""
         return self.rsample_and_log_prob(shape)[0]

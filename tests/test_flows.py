@@ -332,18 +332,18 @@ def test_batches_are_whole_where_autograd_records(monkeypatch):
 
 
 def test_chunk_sizes_follow_the_documented_rule():
-    """KRFlow._chunk: a cache's budget of parameters per layer on the CPU (8 MiB pushing, 64 MiB
+    """KRFlow._chunk: a cache's budget of parameters per layer on the CPU (12 MiB pushing, 64 MiB
     pulling), 256 MiB elsewhere (the meta device stands for a GPU here); whole batches up to a
     chunk, under no autograd only."""
     flow = krflows.KRFlow(10)  # 27 parameters per coordinate: 1080 bytes per point in float32
     big = torch.empty(10**6, 10)
     with torch.no_grad():
-        assert flow._chunk(big, "push") == (8 << 20) // 1080 == 7767
+        assert flow._chunk(big, "push") == (12 << 20) // 1080 == 11650
         assert flow._chunk(big, "pull") == 32768  # 62 137 by the budget, at most 32768
-        assert flow._chunk(big.double(), "push") == (8 << 20) // 2160
+        assert flow._chunk(big.double(), "push") == (12 << 20) // 2160
         assert flow._chunk(torch.empty(10**7, 10, device="meta"), "push") == (256 << 20) // 1080
-        assert flow._chunk(torch.empty(7767, 10), "push") is None
-        assert flow._chunk(torch.empty(7768, 10), "push") == 7767
+        assert flow._chunk(torch.empty(11650, 10), "push") is None
+        assert flow._chunk(torch.empty(11651, 10), "push") == 11650
         assert krflows.KRFlow(1000, layers=1)._chunk(torch.empty(10**5, 1000), "push") == 256  # the fewest
     assert flow._chunk(big, "push") is None  # autograd on: whole
 
