@@ -105,6 +105,23 @@ def test_log_prob_takes_m_batched_passes_per_plate_and_g_for_the_globals():
     assert calls == {"plate": 2 * 2, "global": 2 * 3}, calls
 
 
+def test_large_batches_run_in_chunks_with_the_same_values(monkeypatch):
+    """SparseKRFlow inherits KRFlow's chunks without autograd (about 4x the samples/s of one call
+    at 10^4-10^5 points: its per-member parameters fill the cache first): the same samples and
+    densities as calls of a few points each, which no rule chunks (oracle), in the batch's shape."""
+    monkeypatch.setattr(krflows.flows, "_CHUNK_POINTS", {"cpu": (300, 300), "device": (300, 300)})
+    flow = _flow()
+    z = torch.randn(7, 150, flow.dim, dtype=torch.float64)
+    with torch.no_grad():
+        x, log_q, _ = flow.push(z)
+        rows = [flow.push(z[i]) for i in range(7)]
+        torch.testing.assert_close(x, torch.stack([r[0] for r in rows]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(log_q, torch.stack([r[1] for r in rows]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(flow.log_prob(x), log_q, rtol=0, atol=1e-8)
+        torch.testing.assert_close(flow.inverse(x), z, rtol=0, atol=1e-8)
+        assert flow._chunk(z, "push") == 300 and flow._chunk(z[0], "push") is None
+
+
 def test_parameters_grow_linearly_in_the_plate_size():
     n = [sum(p.numel() for p in SparseKRFlow(2, [(J, 1)], layers=2, hidden=(16, 16)).parameters())
          for J in (100, 200, 300)]
