@@ -22,6 +22,20 @@ def test_benchmark_quick_mode_writes_a_table(tmp_path):
 
 
 @pytest.mark.slow
+def test_benchmark_ab_libraries_have_their_ratio_columns(tmp_path):
+    """The A/B libraries (krflows without one optimization, named in --libs) build and get a ratio
+    column against krflows; B = 16384 is above the chunk size, so ``krflows-whole`` differs."""
+    out = tmp_path / "results.md"
+    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-memory", "--only", "throughput",
+                    "--libs", "krflows,krflows-unfolded,krflows-whole", "--batches", "16384",
+                    "--threads", "1", "--out", str(out)], check=True, timeout=600, capture_output=True)
+    text = out.read_text()
+    assert "| metric | krflows | krflows-unfolded | krflows-whole | krflows/krflows-unfolded | " \
+           "krflows/krflows-whole |" in text
+    assert "| sample + log q, B=16384, samples/s |" in text and "| log_prob at fresh x, B=16384" in text
+
+
+@pytest.mark.slow
 def test_gpu_check_dry_run_writes_a_report(tmp_path):
     """``benchmarks/gpu_check.sh --dry-run``: every step of the GPU check on the CPU (the CUDA
     tests skip), exit 0, and a report with each step's wall time and the benchmark tables."""
