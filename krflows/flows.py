@@ -25,7 +25,7 @@ from krflows._checks import check_family_options, check_hidden, check_int, check
 from krflows.nn import MaskedMLP
 from krflows.transforms import _native
 from krflows.transforms.autoregressive import AutoregressiveTransform
-from krflows.transforms.base import ComposeTriangular, Permutation, TriangularTransform
+from krflows.transforms.base import ComposeTriangular, Permutation, TriangularTransform, untracked
 from krflows.transforms.interpolate import Interpolated
 from krflows.transforms.monotone import FAMILIES, MonotoneFamily
 
@@ -366,27 +366,24 @@ class KRFlow(nn.Module):
 
         Measured on the 2-core CPU (``KRFlow(d)``, float32, 2 threads, interleaved in one process;
         samples/s of sampling with ``log q``, then of ``log_prob``), whole batch -> this rule:
-        d = 2, 400 000 points: 5.0e5 -> 9.9e5 and 4.1e5 -> 1.0e6; d = 10, 200 000: 2.4e5 -> 5.9e5
-        and 1.2e5 -> 2.2e5; d = 50, 65 536: 7.4e4 -> 1.5e5 and 2.8e4 -> 3.3e4; d = 100, 32 768:
-        3.8e4 -> 7.5e4 and 1.1e4 -> 1.3e4. The push budget is the best of 4, 8, 10, 12 and 16 MiB
-        (five interleaved repetitions; d = 10: 5.9, 5.7, 6.1, 6.2, 5.7e5; d = 50: 1.44, 1.46, 1.62,
-        1.61, 1.50e5; d = 100: 6.7, 7.2, 7.3, 7.8, 7.1e4), the pull's of 16-128 MiB (d = 50: 2.4,
-        3.0, 3.0, 2.9e4 at 16, 32, 64, 128; d = 100: 9.9e3, 1.21e4, 1.11e4 at 32, 64, 128);
-        the machine's noise is ~10%. ``benchmarks/bench_training.py``'s ``krflows-whole`` is the
-        flow without chunks. :class:`~krflows.sparse.SparseKRFlow` gains more (its per-member
-        parameters fill the cache first): globals 3 + 500 members x 2 (d = 1003), 20 000 points,
-        325 -> 1610 samples/s and 184 -> 654 for ``log_prob``; 2 + 50 x 1, 100 000 points,
-        5.5e3 -> 2.3e4 and 5.5e3 -> 1.1e4 (chunks of 64-512 points within 7% of each other there)."""
+        d = 2, 400 000 points: 4.8e5 -> 1.3e6 and 3.9e5 -> 9.8e5; d = 10, 200 000: 2.3e5 -> 5.3e5
+        and 1.1e5 -> 2.0e5; d = 50, 65 536: 7.2e4 -> 1.4e5 and 3.1e4 -> 3.5e4; d = 100, 32 768:
+        3.7e4 -> 6.3e4 and 1.24e4 -> 1.27e4 (both with the inverse's buffer: see
+        :meth:`~krflows.transforms.AutoregressiveTransform.inverse_and_log_diag`). The push budget
+        is the best of 4, 8, 10, 12 and 16 MiB (five interleaved repetitions; d = 10: 5.9, 5.7, 6.1,
+        6.2, 5.7e5; d = 50: 1.44, 1.46, 1.62, 1.61, 1.50e5; d = 100: 6.7, 7.2, 7.3, 7.8, 7.1e4), the
+        pull's of 8-128 MiB (d = 50: 1.9, 2.4, 3.0, 3.1, 3.1e4 at 8, 16, 32, 64, 128; d = 100: 0.80,
+        1.0, 1.2, 1.48, 1.47e4); the machine's noise is ~10%. ``benchmarks/bench_training.py``'s
+        ``krflows-whole`` is the flow without chunks. :class:`~krflows.sparse.SparseKRFlow` gains
+        more (its per-member parameters fill the cache first): globals 3 + 500 members x 2
+        (d = 1003), 20 000 points, 325 -> 1610 samples/s and 184 -> 654 for ``log_prob``; 2 + 50 x 1,
+        100 000 points, 5.5e3 -> 2.3e4 and 5.5e3 -> 1.1e4 (chunks of 64-512 points within 7% of each
+        other there)."""
         where = "cpu" if x.device.type == "cpu" else "device"
         least, most = _CHUNK_POINTS[where]
         per_point = self.dim * self.family.n_params * x.element_size()
         size = min(max(_CHUNK_BYTES[where][direction] // per_point, least), most)
-        if x.shape[:-1].numel() <= size or torch.compiler.is_compiling() or \
-                torch._C._are_functorch_transforms_active():
-            return None
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return None
-        return size
+        return size if x.shape[:-1].numel() > size and untracked(x, self) else None
 
     def _chunked(self, fn: Callable, x: Tensor, direction: str):
         """``fn(x)`` for points ``x`` ``(*, d)``, in chunks of :meth:`_chunk` points where it says:

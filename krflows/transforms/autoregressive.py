@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from krflows.transforms.base import TriangularTransform
+from krflows.transforms.base import TriangularTransform, untracked
 from krflows.transforms.monotone import MonotoneFamily
 
 __all__ = ["AutoregressiveTransform"]
@@ -52,6 +52,17 @@ class AutoregressiveTransform(TriangularTransform):
 
     def inverse_and_log_diag(self, x: Tensor) -> tuple[Tensor, Tensor]:
         coordinate = getattr(self.conditioner, "coordinate", None)
+        if coordinate is not None and untracked(x, self.conditioner):
+            # no graph: pass i reads the columns z[..., :i] of one buffer (a strided view the
+            # products take as it is) and writes column i, instead of stacking the i columns so far
+            # anew in every pass, d^2 / 2 columns copied per layer. log_prob, KRFlow(d), 2 threads,
+            # one process, buffer / stacked samples/s: 1.07x at d = 10 (32768 points), 1.12x at 50,
+            # 1.27x at 100, 1.43x at 200. Under autograd the stacked path: a buffer written in
+            # place would invalidate the views the earlier passes saved for backward.
+            z, log_diag = x.new_empty(x.shape), x.new_empty(x.shape)
+            for i in range(self.dim):
+                z[..., i], log_diag[..., i] = self.family.inverse(x[..., i], coordinate(z[..., :i], i))
+            return z, log_diag
         if coordinate is not None:  # one coordinate per pass (MaskedMLP.coordinate)
             zs: list[Tensor] = []
             log_diag = []

@@ -24,6 +24,19 @@ from krflows._checks import check_points
 __all__ = ["TriangularTransform", "ComposeTriangular", "Permutation"]
 
 
+def untracked(x: Tensor, *modules) -> bool:
+    """Whether a computation on ``x`` by ``modules`` may run in chunks and write into buffers: no
+    autograd graph is recorded (grad mode off, or neither ``x`` nor a parameter of the modules
+    requires grad; anything but an ``nn.Module`` counts as one that does), and neither
+    torch.compile nor a torch.func transform is tracing it."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not x.requires_grad and not any(
+        not isinstance(m, torch.nn.Module) or any(p.requires_grad for p in m.parameters()) for m in modules)
+
+
 class TriangularTransform(Transform):
     r"""Base class of lower-triangular monotone bijections ``z -> x`` on ``R^d``.
 
