@@ -354,7 +354,8 @@ class KRFlow(nn.Module):
         transforms, and for batches within one chunk (:meth:`_chunked`).
 
         The size keeps the parameters the conditioners produce for a chunk and layer
-        (``d * family.n_params`` floats per point, the largest tensor a pass writes and reads)
+        (``d * family.n_params`` floats per point for points of width ``d``, the largest tensor a
+        pass writes and reads)
         within a budget: on the CPU a cache's, 12 MiB for the push and 64 MiB for the pull (its
         ``d`` passes per layer each pay a fixed cost that larger chunks spread), 256 to 32768
         points; on other devices 256 MiB (their memory, not their caches: a GPU is fastest at
@@ -381,7 +382,7 @@ class KRFlow(nn.Module):
         other there)."""
         where = "cpu" if x.device.type == "cpu" else "device"
         least, most = _CHUNK_POINTS[where]
-        per_point = self.dim * self.family.n_params * x.element_size()
+        per_point = x.shape[-1] * self.family.n_params * x.element_size()  # a plate minibatch's own width
         size = min(max(_CHUNK_BYTES[where][direction] // per_point, least), most)
         return size if x.shape[:-1].numel() > size and untracked(x, self) else None
 

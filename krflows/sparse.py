@@ -375,7 +375,7 @@ class SparseKRFlow(KRFlow):
         members = self._check_members(members)
         layout = _sub_layout(self.layout, members)
         z = check_points(z, layout.dim, self._ref, "z")
-        y, log_diag = self.member_map(members).call_and_log_diag(z)
+        y, log_diag = self._chunked(self.member_map(members).call_and_log_diag, z, "push")
         return (y, *_factors(layout, z, log_diag))
 
     def log_prob_factors(self, y: Tensor, members: Sequence[Tensor | None] | None = None
@@ -386,7 +386,7 @@ class SparseKRFlow(KRFlow):
         members = self._check_members(members)
         layout = _sub_layout(self.layout, members)
         y = check_points(y, layout.dim, self._ref, "y")
-        z, log_diag = self.member_map(members).inverse_and_log_diag(y)
+        z, log_diag = self._chunked(self.member_map(members).inverse_and_log_diag, y, "pull")
         return _factors(layout, z, log_diag)
 
     def _check_members(self, members: Sequence[Tensor | None] | None) -> list[Tensor | None]:

@@ -120,6 +120,20 @@ def test_large_batches_run_in_chunks_with_the_same_values(monkeypatch):
         torch.testing.assert_close(flow.log_prob(x), log_q, rtol=0, atol=1e-8)
         torch.testing.assert_close(flow.inverse(x), z, rtol=0, atol=1e-8)
         assert flow._chunk(z, "push") == 300 and flow._chunk(z[0], "push") is None
+        # the factors of a minibatch of members (the plated Pyro guide's path), both directions
+        members = [torch.tensor([0, 2]), torch.tensor([1])]
+        zm = torch.randn(7, 150, 2 + 2 * 2 + 1 * 1, dtype=torch.float64)
+        whole = flow.push_factors(zm, members)
+        rows = [flow.push_factors(zm[i], members) for i in range(7)]
+        torch.testing.assert_close(whole[0], torch.stack([r[0] for r in rows]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(whole[1], torch.stack([r[1] for r in rows]), rtol=1e-12, atol=1e-12)
+        for p, member_terms in enumerate(whole[2]):
+            parts = torch.stack([r[2][p] for r in rows])
+            torch.testing.assert_close(member_terms, parts, rtol=1e-12, atol=1e-12)
+        log_g, log_members = flow.log_prob_factors(whole[0], members)
+        torch.testing.assert_close(log_g, whole[1], rtol=0, atol=1e-8)
+        for a, b in zip(log_members, whole[2], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
 
 
 def test_parameters_grow_linearly_in_the_plate_size():
