@@ -34,7 +34,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from krflows.diagnostics import diagnose, ess, log_z_estimate, pareto_k, summary
 from krflows.flows import eagerly
-from krflows.importance import log_weights
+from krflows.importance import evaluate_target, log_weights
 from krflows.plot import plot_samples
 
 __all__ = ["TrainingMetrics", "SamplePlots", "DiagnosticsReport", "RunCheckpoint"]
@@ -63,7 +63,9 @@ class TrainingMetrics(Callback):
     """Logs the diagnostics of the last reverse-KL batch at the trainer's logging steps.
 
     ``elbo``, ``ess``, ``log_z`` and ``pareto_k`` are of the untempered target on the
-    step's batch (on rank 0 under DDP); ``dropped`` counts the non-finite target values
+    step's batch (on rank 0 under DDP), samples where the target's density is zero counted with
+    weight 0 (``elbo``: of the flow restricted to the target's support,
+    :func:`~krflows.objectives.support_elbo`); ``dropped`` counts the non-finite target values
     since the start of the run; ``grad_norm`` is the total norm before clipping.
     """
 
@@ -81,7 +83,7 @@ class TrainingMetrics(Callback):
         log_w = last.log_w
         log_z, log_z_se = log_z_estimate(log_w)
         metrics = {
-            "train/elbo": log_w.mean(), "train/log_z": log_z, "train/log_z_se": log_z_se,
+            "train/elbo": last.elbo, "train/log_z": log_z, "train/log_z_se": log_z_se,
             "train/pareto_k": pareto_k(log_w), "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
             "train/beta": float(pl_module.beta), "train/dropped": float(pl_module.dropped),
         }
@@ -183,13 +185,24 @@ class DiagnosticsReport(Callback):
 
 def _write_sites(pl_module, n: int, dirpath: str) -> list[str]:
     """``summary.md`` of ``n`` flow draws (:func:`krflows.summary`; per site for a Pyro
-    potential, whose draws also go to ``samples.pt``, ``{site: (n, *shape)}``)."""
+    potential, whose draws also go to ``samples.pt``, ``{site: (n, *shape)}``). Draws where the
+    target's density is zero (``log p = -inf``, or NaN under ``nan="zero"``) are left out of
+    both, and the heading says how many: they are no posterior draws (a flow onto ``R^d`` puts
+    some mass outside a bounded support; a probe's run summarized 61% of such draws as the
+    posterior)."""
     with torch.no_grad(), eagerly(pl_module.flow):
         x = pl_module.flow.sample((n,))
+        inside = evaluate_target(pl_module.target, x, pl_module.hparams.nan)[1]
+    heading = "### posterior summary (flow draws)\n\n"
+    if not bool(inside.all()):
+        x = x[inside]
+        heading = (f"### posterior summary (flow draws)\n\n{x.shape[0]} of {n} draws: the other "
+                   f"{n - x.shape[0]} fell where the target's density is zero and are left out (here "
+                   "and in samples.pt)\n\n")
     table = summary(x, target=pl_module.target)
     paths = [os.path.join(dirpath, "summary.md")]
     with open(paths[0], "w") as f:
-        f.write("### posterior summary (flow draws)\n\n" + table.to_markdown())
+        f.write(heading + table.to_markdown())
     unpack = getattr(pl_module.target, "unpack", None)
     if unpack is not None:
         with torch.no_grad():

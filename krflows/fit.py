@@ -55,7 +55,7 @@ from torch import Tensor
 
 from krflows.diagnostics.weights import ess
 from krflows.importance import check_nan_policy, log_weights
-from krflows.objectives import forward_kl, reverse_kl
+from krflows.objectives import forward_kl, reverse_kl, support_elbo
 from krflows.targets import as_target
 from krflows.train import (
     adam,
@@ -179,7 +179,7 @@ def fit(
         beta = temperature(step, steps, anneal, beta0)
         if objective == "reverse_kl":
             batch = reverse_kl(flow, target, batch_size, beta=beta, path_gradient=path_gradient, nan=nan)
-            loss, log_w, dropped = batch.loss, batch.log_w, dropped + batch.dropped
+            loss, log_w, dropped = batch.loss, batch.log_w, dropped + batch.dropped  # log_w: -inf dropped
             warned = warn_dropped(batch, step, warned)
             weight = defensive_weight(step, steps)
             if mixture is not None and weight > 0:
@@ -196,9 +196,9 @@ def fit(
             if log_w is None:
                 with torch.no_grad():
                     weights = log_weights(target, *flow.rsample_and_log_prob((batch_size,)), nan=nan)
-                    log_w = weights.log_w[weights.finite & weights.valid]
+                    log_w = weights.log_w[weights.valid]  # -inf where the target's density is zero
             record = {
-                "step": step, "loss": loss.item(), "elbo": float(log_w.mean()),
+                "step": step, "loss": loss.item(), "elbo": float(support_elbo(log_w)),
                 "ess": float(ess(log_w)), "grad_norm": grad_norm,
                 "lr": opt.param_groups[0]["lr"], "beta": beta, "dropped": dropped,
                 "seconds": time.perf_counter() - start,

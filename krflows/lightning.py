@@ -232,7 +232,7 @@ class KRFlowModule(L.LightningModule):
         if self._logs_written():
             self.log("train/loss", loss, prog_bar=True, batch_size=hp.batch_size)
             # the tempered loss rises while beta anneals to 1; this one is comparable across steps
-            self.log("train/loss_untempered", -out.log_w.mean(), batch_size=hp.batch_size)
+            self.log("train/loss_untempered", -out.elbo, batch_size=hp.batch_size)
         return loss
 
     def _logs_written(self) -> bool:

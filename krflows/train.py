@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from krflows.importance import evaluate_target
-from krflows.objectives import Batch, _remember_finite, reverse_kl
+from krflows.objectives import Batch, _remember_as, reverse_kl
 
 __all__ = ["default_warmup", "warm_up", "temperature", "adam", "adam_cosine", "finite_grads", "clipped_step",
            "warn_dropped", "warm_start", "ModeMixture", "defensive_kl", "defensive_weight",
@@ -158,8 +158,8 @@ def warm_up(flow, target, steps: int = 200, batch_size: int = 256, lr: float = 5
             batch.loss.backward()
             clipped_step(opt, stage, 10.0)
             losses.append(batch.loss.item())
-        if draws is not flow and losses:  # the target was finite on this flow's samples
-            _remember_finite(flow, target)
+        if draws is not flow:  # where the target was finite on this flow's samples
+            _remember_as(flow, draws)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -168,7 +168,7 @@ def warm_up(flow, target, steps: int = 200, batch_size: int = 256, lr: float = 5
 
 class _AffineOnly:
     """A flow whose layers are all the identity, sampled through its affine stage alone (what
-    :func:`warm_up` trains; ``reverse_kl`` needs only these two methods)."""
+    :func:`warm_up` trains; ``reverse_kl`` needs only these methods)."""
 
     def __init__(self, flow):
         self.flow = flow
@@ -177,6 +177,11 @@ class _AffineOnly:
         z = self.flow.base.rsample(torch.Size(shape))
         y, log_q, _ = self.flow._affine_push(z)
         return self.flow._to_user_order(y), log_q
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        y = self.flow._to_flow_order(x)
+        z, log_diag = self.flow.affine.as_transform().inverse_and_log_diag(y)
+        return self.flow.base.log_prob(z) - log_diag.sum(-1)
 
     def parameters(self):
         return self.flow.parameters()
@@ -189,9 +194,11 @@ def warn_dropped(batch: Batch, step: int, warned: bool) -> bool:
         return warned
     warnings.warn(
         f"{batch.dropped} of {batch.n} flow samples at step {step} had a non-finite target "
-        "log density and were dropped. Where that means zero density (log p = -inf), "
-        "dropping rewards the flow for leaking mass there (the kept samples' loss "
-        "decreases); prefer a steep but finite log density (a barrier).", stacklevel=3)
+        "log density (zero density) and were dropped: they get weight 0, and the loss is that of "
+        "the flow restricted to the target's support (reverse_kl). A flow maps onto all of R^d, so "
+        "with a bounded support some of its samples always fall outside: fit the posterior in "
+        "unconstrained coordinates (log, logit: Pyro models are), or give it a steep but finite "
+        "log density outside (a barrier).", stacklevel=3)
     return True
 
 

@@ -142,10 +142,16 @@ def test_nan_on_half_the_batch_trains_on_and_logs_dropped(tmp_path):
                                               batch_size=64, warmup=0))  # NaN is an error by default
     module = KRFlowModule(flow=krflows.KRFlow(2, layers=1, hidden=(8,)), target=half_nan, batch_size=64,
                           warmup=0, nan="zero")
-    t = trainer(max_steps=6, log_every_n_steps=2, callbacks=[TrainingMetrics()])
+    report = DiagnosticsReport(n_samples=400, dirpath=str(tmp_path))
+    t = trainer(max_steps=6, log_every_n_steps=2, callbacks=[TrainingMetrics(), report])
     t.fit(module)
     assert module.dropped > 0 and float(t.callback_metrics["train/dropped"]) > 0
     assert all(torch.isfinite(p).all() for p in module.flow.parameters())
+    # the ELBO of the flow restricted to the support: finite although samples were dropped
+    assert math.isfinite(float(t.callback_metrics["train/elbo"]))
+    # the summary leaves out the draws where the target's density is zero, and says so
+    heading = (tmp_path / "summary.md").read_text().split("|")[0]
+    assert "fell where the target's density is zero and are left out" in heading, heading
 
 
 def test_whole_bad_batch_raises_and_nonfinite_gradients_are_skipped():
