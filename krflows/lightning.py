@@ -16,6 +16,7 @@ checkpoint draws what the uninterrupted run would have drawn, with no RNG state 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from krflows.spec import resolve_target
 from krflows.targets import Target, as_target
 from krflows.train import (
     ModeMixture,
-    adam_cosine,
+    adam,
     default_warmup,
     defensive_kl,
     defensive_weight,
@@ -72,7 +73,11 @@ class KRFlowModule(L.LightningModule):
     :func:`~krflows.objectives.reverse_kl` batch (logged: ``train/loss``, the tempered
     objective that is minimized, and ``train/loss_untempered``, the negative ELBO
     :math:`E_q[\log q - \log \tilde p]`, which under annealing is the one to watch fall),
-    Adam with a cosine schedule (to ``lr / 20`` at ``max_steps``). Samples where the target
+    Adam with a cosine schedule (to ``lr / 20`` at ``max_steps``). Resumed with another
+    ``max_steps`` (``Trainer.fit(..., ckpt_path=...)``), the run keeps the checkpoint's plan for
+    the annealing and the defensive term (finished stays finished) and the learning rate
+    decays from its value at the checkpoint to ``lr / 20`` at the new ``max_steps``; a
+    checkpoint at or past ``max_steps`` warns that there is nothing to train. Samples where the target
     is ``-inf`` (zero density) are dropped and counted (:attr:`dropped`); NaN is an error
     unless ``nan="zero"``; a batch with no finite value raises
     :class:`~krflows.objectives.NonFiniteTargetError`; a step whose gradient is not finite
@@ -173,6 +178,11 @@ class KRFlowModule(L.LightningModule):
         self.mixture: ModeMixture | None = None  # the modes the defensive term covers
         self._warmed_up = False
         self._warned = False  # about dropped samples (once per process)
+        # the schedules' plan: the horizon of the annealing and the defensive term, and the
+        # learning rate's cosine segment (start step, start factor, end step); None: this run's
+        # max_steps, from factor 1 at step 0 (a fresh run); set by a resumed checkpoint
+        self._horizon: int | None = None
+        self._lr_segment: tuple[int, float, int] | None = None
 
     def forward(self, z: Tensor) -> Tensor:
         """``x = T(z)``: reference points ``(*, d)`` pushed to the target side."""
@@ -185,6 +195,20 @@ class KRFlowModule(L.LightningModule):
             raise ValueError("KRFlowModule counts optimizer steps, not epochs: build the Trainer "
                              "with max_steps, e.g. Trainer(max_steps=2000)")
         return max(1, int(self.trainer.max_steps))
+
+    @property
+    def horizon(self) -> int:
+        """The run length the annealing and the defensive term are laid out over: ``max_steps``,
+        or the first run's when a checkpoint was resumed with another ``max_steps``."""
+        return self._horizon or self.total_steps
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at ``step`` over ``lr``: a cosine to ``1/20`` at ``max_steps``;
+        after a resume with another ``max_steps``, a cosine from the checkpoint's value."""
+        start, factor, end = self._lr_segment or (0, 1.0, self.total_steps)
+        floor = 1 / 20
+        t = min(1.0, max(0.0, (step - start) / max(1, end - start)))
+        return floor + (factor - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
     # ---- data: only a step counter ----------------------------------------------------
 
@@ -201,7 +225,7 @@ class KRFlowModule(L.LightningModule):
             if self.mixture is not None:  # restored from a checkpoint (on the CPU)
                 self.mixture = self.mixture.to(device=self.device)
             return
-        hp, steps = self.hparams, self.total_steps
+        hp, steps = self.hparams, self.horizon
         n = default_warmup(steps) if hp.warmup is None else hp.warmup
         with _seeded(self.device, hp.seed, _WARMUP):  # the same on every rank
             self.mixture, _ = warm_start(self.flow, self.target, n, hp.batch_size, modes=hp.modes, lr=hp.lr,
@@ -218,11 +242,11 @@ class KRFlowModule(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         hp, step = self.hparams, self.global_step + 1
-        self.beta = temperature(step, self.total_steps, hp.anneal, hp.beta0)
+        self.beta = temperature(step, self.horizon, hp.anneal, hp.beta0)
         with _seeded(self.device, hp.seed, _TRAIN, self.global_rank, step):
             out = reverse_kl(self.flow, self.target, hp.batch_size, beta=self.beta,
                              path_gradient=hp.path_gradient, nan=hp.nan)
-            loss, weight = out.loss, defensive_weight(step, self.total_steps)
+            loss, weight = out.loss, defensive_weight(step, self.horizon)
             if self.mixture is not None and weight > 0:
                 defensive = defensive_kl(self.flow, self.target, self.mixture, hp.batch_size, hp.nan)
                 loss = loss + weight * defensive
@@ -259,7 +283,10 @@ class KRFlowModule(L.LightningModule):
         hp = self.hparams
         params = [p for p in self.flow.parameters() if p.requires_grad]
         # not fused: Lightning's gradient clipping and precision plugins expect the plain kernel
-        opt, sched = adam_cosine(params, hp.lr, self.total_steps, hp.weight_decay, fused=False)
+        opt = adam(params, fused=False, lr=hp.lr, weight_decay=hp.weight_decay)
+        # the factor is read from the module at each step (lr_factor): a resumed run's plan is set
+        # before this, and the scheduler's restored state (its step count) does not carry it
+        sched = _LRSchedule(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- checkpoints: counters and the warm-up flag ----------------------------------------
@@ -284,7 +311,8 @@ class KRFlowModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["krflows_flow"] = _flow_config_or_none(self.flow)
         checkpoint["krflows"] = {"dropped": self.dropped, "skipped": self.skipped,
-                                 "warmed_up": self._warmed_up,
+                                 "warmed_up": self._warmed_up, "horizon": self.horizon,
+                                 "lr_segment": self._lr_segment or (0, 1.0, self.total_steps),
                                  "mixture": None if self.mixture is None else self.mixture.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -295,6 +323,29 @@ class KRFlowModule(L.LightningModule):
         self._warmed_up = bool(state.get("warmed_up", True))
         mixture = state.get("mixture")
         self.mixture = None if mixture is None else ModeMixture.from_state_dict(mixture)
+        if self._trainer is None or self.trainer.max_steps is None or self.trainer.max_steps < 0:
+            return  # loaded outside a run (load_from_checkpoint): no schedule to plan
+        step, total = int(checkpoint.get("global_step", 0)), self.total_steps
+        if step >= total:
+            warnings.warn(f"the checkpoint is at step {step}, at or past max_steps = {total}: nothing "
+                          f"is trained; resume with a larger max_steps (--trainer.max_steps)", stacklevel=2)
+        # a checkpoint written before the plan was recorded: its own max_steps is unknown
+        self._horizon = int(state.get("horizon", total))
+        segment = tuple(state.get("lr_segment", (0, 1.0, total)))
+        self._lr_segment = (int(segment[0]), float(segment[1]), int(segment[2]))
+        if self._lr_segment[2] != total:  # resumed with another max_steps: decay from here
+            self._lr_segment = (step, self.lr_factor(step), total)
+
+
+class _LRSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` whose factor is the module's :meth:`KRFlowModule.lr_factor`, and which loads
+    the state of the ``CosineAnnealingLR`` that checkpoints written before it hold (no
+    ``lr_lambdas`` there; only the step count and base rates matter)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        state.setdefault("lr_lambdas", [None] * len(self.lr_lambdas))
+        super().load_state_dict(state)
 
 
 class _Steps(IterableDataset):

@@ -104,6 +104,31 @@ def test_hessian_matches_finite_differences():
     torch.testing.assert_close(g[:, 0], (lp_plus - lp_minus) / (2 * h), atol=1e-6, rtol=1e-6)
 
 
+def test_logaddexp_mixture_with_a_narrow_component_has_laplace_masses_at_both_modes():
+    """torch's logaddexp has a NaN double backward where its arguments differ by ~1800 (a
+    component of sd 0.1, 6 away): the broad mode's Hessian was NaN, read as zero, so the mode
+    was no strict maximum, its Laplace mass wrong (7.6 instead of log 0.5), and fit's mixture
+    start left it out. Oracle: each Gaussian component's Laplace mass is exact, log 0.5."""
+    d = 2
+    u = torch.ones(d, dtype=torch.float64) / math.sqrt(d)
+
+    def log_p(x):
+        a = -0.5 * ((x + 3 * u) / 0.1).square().sum(-1) - d * math.log(0.1)
+        b = -0.5 * (x - 3 * u).square().sum(-1)
+        return torch.logaddexp(a, b) + math.log(0.5) - 0.5 * d * math.log(2 * math.pi)
+
+    x0 = (3 * u)[None].clone()
+    _, _, H = _hessian(targets.as_target(log_p, dim=d), x0)
+    torch.testing.assert_close(H[0], -torch.eye(d, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.manual_seed(0)
+    starts = torch.cat([-3 * u + 0.05 * torch.randn(8, d, dtype=torch.float64),
+                        3 * u + torch.randn(8, d, dtype=torch.float64)])
+    modes = find_modes(log_p, starts=starts)
+    assert modes.locations.shape[0] == 2 and bool(modes.negative_definite.all())
+    torch.testing.assert_close(modes.log_mass, torch.full((2,), math.log(0.5), dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+
+
 def test_flow_starts_find_the_mode_the_flow_misses():
     target = two_modes()
     flow = gaussian_flow([4.0, 0.0], torch.eye(2))  # sits on the 0.7 mode only

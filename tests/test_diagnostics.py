@@ -467,16 +467,19 @@ def test_missed_bias_replaces_the_few_draws_in_a_missed_mode():
     assert flagged >= 4
 
 
-@pytest.mark.parametrize("flow_weights, flagged", [([0.5, 0.5], True), ([0.3, 0.7], False)])
-def test_reweighted_mode_shares_find_a_misweighted_covered_mode(flow_weights, flagged):
+@pytest.mark.parametrize("weights, flow_weights, flagged", [
+    ([0.3, 0.7], [0.5, 0.5], True), ([0.3, 0.7], [0.3, 0.7], False),
+    # a small mode given under half its share: a TV of 0.03 (a probe's d = 5 fit: 0.023 for 0.05)
+    ([0.05, 0.95], [0.02, 0.98], True), ([0.05, 0.95], [0.04, 0.96], False)])
+def test_reweighted_mode_shares_find_a_misweighted_covered_mode(weights, flow_weights, flagged):
     """The 'flow' is an exact sampler of a 2-component mixture with known density, the target
-    the 0.3/0.7 mixture: the found modes' reweighted shares must estimate 0.3/0.7 within their
-    standard errors (oracle: the target's weights), and the verdict must flag the misweighted
-    flow and stay silent on the right one."""
+    the ``weights`` mixture: the found modes' reweighted shares must estimate its weights within
+    their standard errors (oracle: the target's weights), and the verdict must flag the
+    misweighted flow and stay silent on the right one."""
     from krflows.diagnostics.modes import missed_modes
     from krflows.diagnostics.report import problems
 
-    target = targets.Bimodal2D(separation=8.0, weights=[0.3, 0.7], dtype=torch.float64)
+    target = targets.Bimodal2D(separation=8.0, weights=weights, dtype=torch.float64)
     proposal = targets.Bimodal2D(separation=8.0, weights=flow_weights, dtype=torch.float64)
     torch.manual_seed(0)
     x = proposal.sample((N,))
@@ -487,8 +490,21 @@ def test_reweighted_mode_shares_find_a_misweighted_covered_mode(flow_weights, fl
     found = missed_modes(modes, x, proposal.log_prob(modes.locations), log_z, log_w=log_w)
     assert found.n_missed_modes == 0
     share, se = found.found_mode_weights_reweighted[left], found.found_mode_weights_se[left]
-    assert abs(share - 0.3) < 4 * se and se < 0.02
+    assert abs(share - weights[0]) < 4 * se and se < 0.02
     assert found.found_mode_weights[left] == pytest.approx(flow_weights[0], abs=0.03)
     e = {"ess": 0.9, "pareto_k": 0.2, **dataclasses.asdict(found)}
     text = "; ".join(problems(e, 1.0))
     assert ("misweights the modes it covers" in text) == flagged
+
+
+@pytest.mark.parametrize("flow_weights, flagged", [([0.02, 0.98], True), ([0.045, 0.955], False)])
+def test_a_small_mode_given_under_half_its_known_weight_is_flagged(flow_weights, flagged):
+    """Against a target's known weights 0.05/0.95 at n = 20000 draws: a TV of 0.03 passed the TV
+    rule; a mode given under half its weight, beyond 3 binomial standard errors, is a finding."""
+    from krflows.diagnostics.report import problems
+
+    e = {"n": 20000, "ess": 0.9, "pareto_k": 0.2, "mode_weights": flow_weights,
+         "true_mode_weights": [0.05, 0.95], "mode_tv": abs(flow_weights[0] - 0.05)}
+    text = "; ".join(problems(e, 1.0))
+    assert ("mode weights are off" in text) == flagged, text
+    assert ("mode 0 gets 0.02 against 0.05" in text) == flagged, text

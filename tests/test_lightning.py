@@ -102,6 +102,51 @@ def test_resume_equals_the_uninterrupted_run(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(params(full), params(other), strict=True))
 
 
+class _Schedules(L.Callback):
+    """Records (step, beta, lr) after every step."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append((trainer.global_step, pl_module.beta, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def test_resume_with_more_steps_keeps_the_annealing_and_decays_the_lr(tmp_path):
+    """A probe: resuming with a larger max_steps (the README's own example) restarted the
+    tempering (beta fell from 1 to 0.48) and cycled the learning rate (CosineAnnealingLR's
+    restored period). Now beta stays on the first run's plan and the rate decays from its
+    value at the checkpoint to lr / 20 at the new max_steps; a checkpoint past max_steps warns."""
+    lr = 1e-2
+    first = KRFlowModule(target="bimodal2d", anneal=0.5, warmup=2, seed=3, lr=lr, **SMALL)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    seen = _Schedules()
+    trainer(max_steps=4, callbacks=[ckpt, seen]).fit(first)
+    assert seen.rows[-1][1] == 1.0 and seen.rows[-1][2] == pytest.approx(lr / 20)  # annealed, decayed
+    resumed = KRFlowModule(target="bimodal2d", anneal=0.5, warmup=2, seed=3, lr=lr, **SMALL)
+    more = _Schedules()
+    trainer(max_steps=20, callbacks=[more]).fit(resumed, ckpt_path=str(tmp_path / "step=4.ckpt"))
+    steps, betas, lrs = zip(*more.rows, strict=True)
+    assert steps == tuple(range(5, 21))
+    assert all(b == 1.0 for b in betas), betas
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False)), lrs  # no cycling back up
+    assert lrs[-1] == pytest.approx(lr / 20) and lrs[0] <= lr / 20 + 1e-12
+    with pytest.warns(UserWarning, match="at step 4, at or past max_steps = 3: nothing is trained"):
+        trainer(max_steps=3).fit(KRFlowModule(target="bimodal2d", **SMALL),
+                                 ckpt_path=str(tmp_path / "step=4.ckpt"))
+    # a run stopped halfway and resumed with a longer plan decays from where it was
+    half = KRFlowModule(target="bimodal2d", anneal=0.5, warmup=2, seed=3, lr=lr, **SMALL)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "half", filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    trainer(max_steps=8, callbacks=[ckpt]).fit(half)
+    at4 = half.lr_factor(4)
+    longer = KRFlowModule(target="bimodal2d", anneal=0.5, warmup=2, seed=3, lr=lr, **SMALL)
+    more = _Schedules()
+    trainer(max_steps=16, callbacks=[more]).fit(longer, ckpt_path=str(tmp_path / "half" / "step=4.ckpt"))
+    _, betas, lrs = zip(*more.rows, strict=True)
+    assert lr * at4 >= lrs[0] > lrs[1] and lrs[-1] == pytest.approx(lr / 20)
+    assert betas[0] == pytest.approx(min(1.0, 0.1 + 0.9 * 5 / 4))  # the 8-step plan's annealing
+
+
 def test_tensorboard_scalars_images_histograms_and_report(tmp_path):
     module = KRFlowModule(target="bimodal2d", warmup=2, **SMALL)
     report = DiagnosticsReport(n_samples=500)

@@ -64,7 +64,8 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
 
     The verdict lists, most serious first: dropped samples; flow mass where :math:`\tilde p = 0`;
     modes the search found that the flow misses (with their mass and the implied log Z bias);
-    missing modes of a target that knows them (and their mass); mode TV > 0.05; valley mass
+    missing modes of a target that knows them (and their mass); mode TV > 0.05 or a mode given
+    less than half its share (known or reweighted); valley mass
     above twice the target's; forward ESS < 0.5 (saying so when the forward weights'
     :math:`\hat k` > 0.7 makes it unreliable); EUBO − ELBO above 10 nats beyond three
     standard errors (target draws where the flow's density is almost zero); :math:`\hat k` > 0.7

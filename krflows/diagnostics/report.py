@@ -17,13 +17,14 @@ from typing import Any
 
 __all__ = ["Entry", "LAYOUT", "SECTIONS", "Report", "problems", "verdict", "entries_doc",
            "PARETO_GOOD", "PARETO_UNRELIABLE", "ESS_LOW", "FORWARD_ESS_LOW", "MODE_TV_HIGH",
-           "DISTANCE_RATIO", "JEFFREYS_HIGH"]
+           "MODE_RATIO_LOW", "DISTANCE_RATIO", "JEFFREYS_HIGH"]
 
 # Thresholds of the verdict (documented in :func:`~krflows.diagnose`).
 PARETO_GOOD, PARETO_UNRELIABLE = 0.5, 0.7
 ESS_LOW = 0.05
 FORWARD_ESS_LOW = 0.5
 MODE_TV_HIGH = 0.05
+MODE_RATIO_LOW = 0.5  # a mode given less than half its share is misweighted, whatever the TV
 DISTANCE_RATIO = 3.0
 JEFFREYS_HIGH = 10.0  # nats of EUBO - ELBO, beyond three standard errors
 
@@ -208,14 +209,17 @@ def problems(e: Mapping, scale: float) -> list[str]:
         if e["ess"] > 0.5:
             msg += f" (the reverse ESS {e['ess']:.2f} cannot see this)"
         out.append(msg)
-    elif e.get("mode_tv", 0) > MODE_TV_HIGH:
+    elif e.get("mode_tv", 0) > MODE_TV_HIGH or _starved_known(e):
         out.append(f"mode weights are off: TV {e['mode_tv']:.2f} (flow {_fmt(e['mode_weights'])} "
-                   f"vs target {_fmt(e['true_mode_weights'])})")
+                   f"vs target {_fmt(e['true_mode_weights'])})" + _starved_note(
+                       _starved_known(e), e["mode_weights"], e["true_mode_weights"], "the target's"))
     elif "mode_tv" not in e and not e.get("missed_modes") and _misweighted(e):
         out.append(f"the flow misweights the modes it covers: it gives the {len(e['found_mode_weights'])} "
                    f"found modes {_fmt(e['found_mode_weights'])} but its importance weights say "
-                   f"{_fmt(e['found_mode_weights_reweighted'])} (TV {e['found_mode_tv']:.2f}); "
-                   f"importance-weighted estimates and krflows.debias correct this")
+                   f"{_fmt(e['found_mode_weights_reweighted'])} (TV {e['found_mode_tv']:.2f})"
+                   + _starved_note(_starved(e), e["found_mode_weights"], e["found_mode_weights_reweighted"],
+                                   "its reweighted")
+                   + "; importance-weighted estimates and krflows.debias correct this")
     in_gap = e.get("valley_definition", "").startswith("mass in the gap")
     if "true_valley_mass" in e and not (in_gap and e.get("frac_zero_density", 0) > 0):
         v, t = e["valley_mass"], e["true_valley_mass"]
@@ -260,15 +264,49 @@ def _se(se) -> str:
 
 
 def _misweighted(e: Mapping) -> bool:
-    """Covered modes with the wrong weights, from the mode search's reweighted shares: the gap is
-    above MODE_TV_HIGH, beyond 3 standard errors in some mode, and the weights are reliable."""
-    if e.get("found_mode_tv") is None or e["found_mode_tv"] <= MODE_TV_HIGH:
+    """Covered modes with the wrong weights, from the mode search's reweighted shares, where the
+    weights are reliable: the TV is above MODE_TV_HIGH and some mode's gap beyond 3 standard
+    errors, or some mode gets less than MODE_RATIO_LOW of its share (:func:`_starved`). The
+    ratio rule is for small modes: a probe's 5% mode given 2.3% of the flow's draws (d = 5) is a
+    TV of 0.03, which the TV rule passed as "no problems detected"."""
+    if e.get("found_mode_tv") is None or e.get("pareto_k", math.inf) > PARETO_UNRELIABLE:
         return False
-    if e.get("pareto_k", math.inf) > PARETO_UNRELIABLE:
+    if _starved(e):
+        return True
+    if e["found_mode_tv"] <= MODE_TV_HIGH:
         return False
     gaps = zip(e["found_mode_weights"], e["found_mode_weights_reweighted"], e["found_mode_weights_se"],
                strict=True)
     return any(abs(f - r) > 3 * se for f, r, se in gaps)
+
+
+def _starved(e: Mapping) -> list[int]:
+    """The found modes whose share of the flow's draws is below MODE_RATIO_LOW times their
+    reweighted share, by more than 3 standard errors of the latter (and not missed: those have
+    a finding of their own)."""
+    if e.get("found_mode_tv") is None:
+        return []
+    rows = zip(e["found_mode_weights"], e["found_mode_weights_reweighted"], e["found_mode_weights_se"],
+               strict=True)
+    return [i for i, (f, r, se) in enumerate(rows) if f < MODE_RATIO_LOW * r and r - f > 3 * se]
+
+
+def _starved_known(e: Mapping) -> list[int]:
+    """:func:`_starved` against a target's known mode weights: the flow's share (a binomial
+    proportion of ``n`` draws) below MODE_RATIO_LOW times the true weight, by more than 3 of its
+    standard errors."""
+    if "mode_tv" not in e or not e.get("n"):
+        return []
+    n = e["n"]
+    return [i for i, (f, t) in enumerate(zip(e["mode_weights"], e["true_mode_weights"], strict=True))
+            if f < MODE_RATIO_LOW * t and t - f > 3 * math.sqrt(max(t * (1 - t), 1e-12) / n)]
+
+
+def _starved_note(idx: list[int], flow: list[float], ref: list[float], whose: str) -> str:
+    if not idx:
+        return ""
+    which = ", ".join(f"mode {i} gets {flow[i]:.3g} against {ref[i]:.3g}" for i in idx[:3])
+    return f" ({which}: under half {whose} share)"
 
 
 def _missed_message(e: Mapping) -> str:
