@@ -47,12 +47,14 @@ of :mod:`krflows.train`, shared with the Lightning module.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from krflows._checks import check_points
 from krflows.diagnostics.weights import ess
 from krflows.importance import check_nan_policy, log_weights
 from krflows.objectives import forward_kl, reverse_kl, support_elbo
@@ -152,6 +154,23 @@ def fit(
         raise ValueError(f"objective must be 'reverse_kl' or 'forward_kl', got {objective!r}")
     if objective == "forward_kl" and samples is None:
         raise ValueError("objective='forward_kl' needs target samples: fit(..., samples=x)")
+    counts = (("steps", steps, 0), ("batch_size", batch_size, 1), ("log_every", log_every, 1),
+              ("warmup", 0 if warmup is None else warmup, 0))
+    for name, value, least in counts:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not 0.0 <= anneal <= 1.0:
+        raise ValueError(f"anneal must be in [0, 1] (the fraction of the steps over which beta rises "
+                         f"from beta0 to 1), got {anneal!r}")
+    if not 0.0 < beta0 <= 1.0:
+        raise ValueError(f"beta0 must be in (0, 1], got {beta0!r}")
+    if not any(p.requires_grad for p in flow.parameters()):
+        raise ValueError("the flow has no trainable parameter (every one has requires_grad=False)")
+    if samples is not None:
+        samples = check_points(samples, flow.dim, getattr(flow, "_ref", None), "samples")
+        if samples.dim() != 2 or samples.shape[0] <= flow.dim:
+            raise ValueError(f"samples must have shape (n, {flow.dim}) with n > {flow.dim} (their "
+                             f"covariance starts the flow), got {tuple(samples.shape)}")
     check_nan_policy(nan)
     keep_freed_memory()
     target = as_target(target, dim=flow.dim)

@@ -13,6 +13,7 @@ of a Gaussian), which leaves the layers' boxes ``[-B, B]`` in standardized units
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
@@ -95,6 +96,21 @@ class _LowerAffineStage(TriangularTransform):
         r = (x - s.shift).reshape(-1, x.shape[-1])
         z = torch.linalg.solve_triangular(s.tril(), r.mT, upper=False).mT.reshape(x.shape)
         return z, s.log_diag.expand(x.shape)
+
+
+def _check_count(k, least: int, most: int) -> None:
+    """``k`` must be an integer in ``[least, most]`` (a number of leading coordinates)."""
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not least <= k <= most:
+        raise ValueError(f"k must be an integer in [{least}, {most}] (leading coordinates), got {k!r}")
+
+
+class _Reference(Independent):
+    """``Independent(Normal, 1)`` whose ``log_prob`` also takes an empty batch ``(0, d)``: torch's
+    reshapes ``(0, d)`` to ``(0, -1)``, which it refuses (a probe: ``flow.sample((0,))``,
+    ``log_prob`` and ``push`` of no points raised that). The same sum otherwise."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return self.base_dist.log_prob(value).sum(-1)
 
 
 class KRFlow(nn.Module):
@@ -183,7 +199,7 @@ class KRFlow(nn.Module):
         validating them checks tensors on the host (a GPU synchronization in every sampling
         call, and a graph break in compiled code)."""
         ref = self._ref
-        return Independent(Normal(ref, torch.ones_like(ref), validate_args=False), 1, validate_args=False)
+        return _Reference(Normal(ref, torch.ones_like(ref), validate_args=False), 1, validate_args=False)
 
     @property
     def device(self) -> torch.device:
@@ -513,6 +529,7 @@ class KRFlow(nn.Module):
     @torch.no_grad()
     def sample_marginal(self, shape: Sequence[int] | int, k: int) -> Tensor:
         """Samples of the first ``k`` coordinates (flow order), shape ``(*shape, k)``."""
+        _check_count(k, 1, self.dim)
         z = self.base.sample(_size(shape))
         return self.triangular(z)[..., :k]
 
@@ -540,7 +557,9 @@ class KRFlow(nn.Module):
         return torch.cat([x_head.expand(*size, k), y[..., k:]], -1)
 
     def conditional_log_prob(self, y: Tensor, k: int) -> Tensor:
-        r"""``log q(y_{k+1:d} | y_{1:k})`` for full points ``y`` (flow order), shape ``(*)``."""
+        r"""``log q(y_{k+1:d} | y_{1:k})`` for full points ``y`` (flow order), shape ``(*)``;
+        ``0 <= k < d`` (``k = 0``: :meth:`log_prob` in flow order)."""
+        _check_count(k, 0, self.dim - 1)
         y = check_points(y, self.dim, self._ref, "y")
         z, log_diag = self.triangular.inverse_and_log_diag(y)
         terms = Normal(0.0, 1.0).log_prob(z) - log_diag

@@ -157,19 +157,24 @@ def load(path: str | os.PathLike, map_location: Any = None) -> KRFlow:
     Raises:
         ValueError: ``"not a krflows flow file: <path>: <reason>"`` for a corrupt, truncated
             or foreign file; a file from a newer format version names both versions.
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file (``IsADirectoryError``: a directory).
     """
     from krflows import __version__
 
     def refuse(reason: str) -> ValueError:
         return ValueError(f"not a krflows flow file: {path}: {reason}")
 
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a flow file (krflows.save writes one file)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such flow file: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - every reading failure is reported the same way
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "deserialize object on a CUDA device" in first or "deserialize object on CUDA device" in first:
+            # a valid file whose tensors cannot go where map_location says: not a corrupt file
+            raise ValueError(f"cannot load {path} onto map_location={map_location!r}: {first}") from err
         raise refuse(f"{type(err).__name__}: {first}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
@@ -190,6 +195,8 @@ def load(path: str | os.PathLike, map_location: Any = None) -> KRFlow:
         flow = flow_from_config(payload["config"], device=device)
         flow.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise refuse(f"bad configuration or weights: {type(err).__name__}: {first}") from err
+        # the whole message: load_state_dict's first line only says "Error(s) in loading", the
+        # missing keys and mismatched sizes follow it
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines())
+        raise refuse(f"bad configuration or weights: {type(err).__name__}: {detail}") from err
     return flow

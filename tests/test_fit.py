@@ -184,6 +184,25 @@ def test_divergence_is_blamed_on_the_flow_not_the_target():
         krflows.fit(flow, krflows.targets.get_target("banana"), steps=5, warmup=0)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps": -1}, "steps must be an integer >= 0"), ({"steps": 2.5}, "steps must be an integer"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"), ({"log_every": 0}, "log_every must be"),
+    ({"warmup": -5}, "warmup must be"), ({"anneal": 2.0}, r"anneal must be in \[0, 1\]"),
+    ({"beta0": 0.0}, r"beta0 must be in \(0, 1\]"),
+    ({"objective": "forward_kl", "samples": torch.randn(100, 3)}, r"samples must have shape \(\*, 2\)"),
+    ({"objective": "forward_kl", "samples": torch.full((100, 2), math.nan)}, "samples must be finite"),
+    ({"objective": "forward_kl", "samples": torch.randn(2, 2)}, r"with n > 2"),
+    ({"objective": "forward_kl", "samples": torch.ones(100, 2, dtype=torch.long)}, "floating dtype"),
+])
+def test_bad_arguments_name_what_was_expected(kwargs, match):
+    """A probe's list: each was a torch error from deep inside (or silently accepted)."""
+    flow = krflows.KRFlow(2, layers=1, hidden=(8,))
+    with pytest.raises(ValueError, match=match):
+        krflows.fit(flow, lambda x: -x.square().sum(-1), **{"steps": 5, **kwargs})
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        krflows.fit(flow.requires_grad_(False), lambda x: -x.square().sum(-1), steps=5)
+
+
 def test_bad_arguments():
     flow = krflows.KRFlow(2, layers=1, hidden=(8,))
     with pytest.raises(ValueError, match="dim 3"):

@@ -138,6 +138,31 @@ def test_batch_shapes():
     assert flow.log_prob(x[0, 0]).shape == ()
 
 
+@pytest.mark.parametrize("family", ["spline", "affine", "bernstein", "integrated"])
+def test_empty_batches_give_empty_results(family):
+    """A probe: log_prob, sample, push and the distribution's log_prob of no points raised
+    torch's "cannot reshape tensor of 0 elements" (the reference's Independent.log_prob)."""
+    flow = make_flow(family, 3)
+    none = torch.zeros(0, 3, dtype=torch.float64)
+    assert flow.log_prob(none).shape == (0,) and flow().log_prob(none).shape == (0,)
+    assert flow.sample((0,)).shape == (0, 3) and flow.sample((2, 0)).shape == (2, 0, 3)
+    x, log_q, log_diag = flow.push(none)
+    assert x.shape == (0, 3) and log_q.shape == (0,) and log_diag.shape == (0, 3)
+    assert flow.rsample_and_log_prob((0,))[1].shape == (0,)
+
+
+def test_coordinate_counts_are_checked():
+    flow = make_flow("spline", 3)
+    for bad in (4, -1, 0, 1.0):
+        with pytest.raises(ValueError, match=r"k must be an integer in \[1, 3\]"):
+            flow.sample_marginal((5,), bad)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=r"k must be an integer in \[0, 2\]"):
+            flow.conditional_log_prob(flow.sample((2,)), bad)
+    y = flow.sample((4,))
+    torch.testing.assert_close(flow.conditional_log_prob(y, 0), flow.log_prob(y))
+
+
 @pytest.mark.parametrize("bad, match", [
     (torch.zeros(5, 2, dtype=torch.float64), r"shape \(\*, 3\), got \(5, 2\)"),
     (torch.zeros(5, 3, dtype=torch.int64), "floating dtype"),

@@ -95,6 +95,15 @@ def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="no such flow file"):
         krflows.load(tmp_path / "missing.pt")
+    with pytest.raises(IsADirectoryError, match="is a directory, not a flow file"):
+        krflows.load(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_valid_file_mapped_to_a_missing_device_is_not_called_corrupt(tmp_path):
+    krflows.save(make_flow("spline", 2), tmp_path / "f.pt")
+    with pytest.raises(ValueError, match="^cannot load .* onto map_location='cuda': .*CUDA"):
+        krflows.load(tmp_path / "f.pt", map_location="cuda")
 
 
 def test_bad_weights_and_config_are_refused(tmp_path):
@@ -102,8 +111,9 @@ def test_bad_weights_and_config_are_refused(tmp_path):
     payload = torch.load(tmp_path / "f.pt", weights_only=True)
     payload["config"]["hidden"] = [5]
     torch.save(payload, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="not a krflows flow file: .*bad configuration or weights"):
+    with pytest.raises(ValueError, match="not a krflows flow file: .*bad configuration or weights") as err:
         krflows.load(tmp_path / "bad.pt")
+    assert "size mismatch for" in str(err.value) and "\n" not in str(err.value)  # which weights, one line
 
 
 def test_a_newer_format_is_refused_with_both_versions(tmp_path):
