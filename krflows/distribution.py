@@ -75,7 +75,8 @@ class FlowDistribution(TransformedDistribution, TorchDistributionMixin):
         self.flow = flow
         base = flow.base.expand(torch.Size(batch_shape))
         super().__init__(base, flow.transform, validate_args=validate_args)
-        self._last: tuple[Tensor, Tensor] | None = None  # the last rsample and its log q
+        # the last rsample, its log q, and the versions it holds for (its own, the parameters')
+        self._last: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
 
     def expand(self, batch_shape: Sequence[int], _instance=None) -> FlowDistribution:
         batch_shape = torch.Size(batch_shape)
@@ -92,8 +93,14 @@ class FlowDistribution(TransformedDistribution, TorchDistributionMixin):
         x, log_q = self.flow.rsample_and_log_prob(torch.Size(sample_shape) + self.batch_shape)
         # kept only with a graph: a density drawn under no_grad must not stand in for one
         # that the caller differentiates later
-        self._last = (x, log_q) if torch.is_grad_enabled() else None
+        self._last = (x, log_q, self._versions(x)) if torch.is_grad_enabled() else None
         return x, log_q
+
+    def _versions(self, x: Tensor) -> tuple[int, ...]:
+        """What a cached ``log q(x)`` holds for: ``x`` and the parameters as they were (an
+        in-place edit of either, e.g. an optimizer step, bumps a version: a probe read a stale
+        density after both)."""
+        return (x._version, *(p._version for p in self.flow.parameters()))
 
     def rsample(self, sample_shape: Sequence[int] = torch.Size()) -> Tensor:
         return self.rsample_and_log_prob(sample_shape)[0]
@@ -104,7 +111,8 @@ class FlowDistribution(TransformedDistribution, TorchDistributionMixin):
     def log_prob(self, value: Tensor) -> Tensor:
         """``log q(x)`` for ``x`` of shape ``(*, d)``, broadcast against the batch shape."""
         last = self._last
-        log_q = last[1] if last is not None and value is last[0] else self.flow.log_prob(value)
+        fresh = last is not None and value is last[0] and last[2] == self._versions(value)
+        log_q = last[1] if fresh else self.flow.log_prob(value)
         return log_q.expand(torch.broadcast_shapes(log_q.shape, self.batch_shape))
 
     def __repr__(self) -> str:

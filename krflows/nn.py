@@ -243,7 +243,11 @@ class MaskedMLP(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def _clamp(self, out: Tensor) -> Tensor:
-        if torch._C._are_functorch_transforms_active():  # torch.func cannot see into the Function
+        # torch.func cannot see into the Function; under torch.compile the compiler fuses the plain
+        # operations anyway, and with dynamic=True dynamo failed to trace the Function in the
+        # inverse under autograd (torch 2.13: "lift_tracked_freevar_to_input should not be called on
+        # root SubgraphTracer", which sent a compiled flow back to eager at its first log_prob)
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
             return self.bound * torch.tanh(out / self.bound)
         return SoftClamp.apply(out, self.bound)
 

@@ -199,3 +199,19 @@ def test_marginal_quantile_levels_are_checked():
     for bad in ([0.0, 0.5], [1.0], []):
         with pytest.raises(ValueError, match="strictly between 0 and 1"):
             marginal_quantiles(flow, bad)
+
+
+def test_a_cached_log_prob_is_not_served_after_an_in_place_change():
+    """A probe: log_prob of the distribution's own last rsample returned the cached log q after
+    an optimizer-like step on the parameters, and after an in-place edit of the sample."""
+    flow = krflows.KRFlow(2, layers=2, hidden=(16, 16))
+    q = flow()
+    x, log_q = q.rsample_and_log_prob((3,))
+    assert q.log_prob(x) is log_q or torch.equal(q.log_prob(x), log_q)  # the cache serves
+    with torch.no_grad():
+        flow.affine.log_diag.add_(1.0)
+    torch.testing.assert_close(q.log_prob(x), flow.log_prob(x.detach()))
+    x = q.rsample((3,))
+    with torch.no_grad():
+        x.add_(100.0)
+    torch.testing.assert_close(q.log_prob(x), flow.log_prob(x.detach()))

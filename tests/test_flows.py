@@ -274,6 +274,22 @@ def test_compiled_flow_matches_eager(monkeypatch, native, family="spline"):
     assert compiled._compiled, "the compiled path fell back to eager"
 
 
+@pytest.mark.slow
+def test_compile_dynamic_keeps_log_prob_under_autograd_compiled():
+    """A probe: with compile(dynamic=True) the first log_prob under autograd failed to trace
+    (dynamo and the soft clamp's autograd Function, torch 2.13) and sent the whole flow back to
+    eager, its compile options dropped (so krflows.save recorded none)."""
+    flow = randomized(krflows.KRFlow(2, layers=1, hidden=(8,)), std=0.3).compile(dynamic=True)
+    x, log_q = flow.rsample_and_log_prob((5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
+        log_p = flow.log_prob(x.detach())
+    assert set(flow._compiled) == {"push", "pull"} and flow._compile_options == {"dynamic": True}
+    torch.testing.assert_close(log_p, log_q.detach(), atol=1e-4, rtol=0)
+    log_p.sum().backward()
+    assert all(p.grad is not None for p in flow.conditioners.parameters())
+
+
 def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     """A compiler that fails (missing, unsupported op) costs a warning, not the run."""
     def broken_compile(fn, **options):
