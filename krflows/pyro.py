@@ -118,8 +118,9 @@ def _latent_sites(trace, subsampled_ok: bool = False) -> tuple[list[_Site], int]
                 if getattr(site["fn"].support, "is_discrete", False)]
     if discrete:
         raise ValueError(f"krflows needs continuous latent sites, but the model has discrete latent "
-                         f"site(s) {discrete}: marginalize them (e.g. enumerate and sum them out "
-                         f"in the model) or hide them with poutine.block")
+                         f"site(s) {discrete}: sum them out by hand in the model (e.g. a mixture's "
+                         f"assignments into its likelihood with logsumexp; Pyro's enumeration, "
+                         f"infer={{'enumerate': ...}}, is not supported) or hide them with poutine.block")
     sites, nesting = [], 0
     for site in trace.nodes.values():
         if site["type"] == "sample":

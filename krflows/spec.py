@@ -58,7 +58,11 @@ def import_object(spec: str) -> object:
         try:
             module = importlib.import_module(where)
         except ImportError as err:
-            raise ValueError(f"cannot import module {where!r} of the target {spec!r}: {err}") from err
+            hint = ""
+            local = where.replace(".", os.sep) + ".py"
+            if os.path.isfile(local):  # a file here: the krflows script does not import from the cwd
+                hint = f"; for the file {local} in this directory, give the path: {local}:{attr}"
+            raise ValueError(f"cannot import module {where!r} of the target {spec!r}: {err}{hint}") from err
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):

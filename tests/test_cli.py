@@ -354,10 +354,14 @@ def test_fit_a_callable_from_a_module(tmp_path, monkeypatch, user_file):
                                                       "log_prob(x) -> (2,)"),
     ("user_targets.py:wide", ["--model.dim", "2"], "has dimension 3, but dim=2 was given"),
     ("no_such_module_xyz:f", [], "cannot import module 'no_such_module_xyz'"),
+    # a file in the current directory named as a module (the krflows script does not import from there)
+    ("user_targets_mod:log_p", [], "for the file user_targets_mod.py in this directory, give the path: "
+                                   "user_targets_mod.py:log_p"),
     ("bananna", [], "unknown target 'bananna'; choose one of"),
 ])
 def test_user_target_errors_are_usage_errors(tmp_path, capsys, monkeypatch, user_file, spec, extra, message):
     monkeypatch.chdir(user_file.parent)
+    (user_file.parent / "user_targets_mod.py").write_text("raise ImportError('not importable from here')\n")
     with pytest.raises(SystemExit) as exit_:
         run(*TINY, "--root_dir", str(tmp_path / "runs"), "--name", "bad", "--model.target", spec, *extra)
     err = capsys.readouterr().err

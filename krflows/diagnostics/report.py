@@ -441,7 +441,8 @@ class Report(Mapping):
 
     def _header(self) -> list[str]:
         e = self._entries
-        lines = [f"n = {e.get('n')} flow samples ({e.get('n_dropped', 0)} dropped: non-finite)"]
+        lines = [f"n = {e.get('n')} flow samples ({e.get('n_dropped', 0)} dropped: a NaN or +inf log "
+                 f"density, or a non-finite sample; zero density (-inf) is kept, with weight 0)"]
         if "n_exact" in e:
             lines.append(f"{e['n_exact']} target samples from {e.get('reference_source')} "
                          f"({e.get('n_dropped_exact', 0)} dropped)")
