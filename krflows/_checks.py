@@ -30,8 +30,10 @@ def check_points(x: Tensor, dim: int | None, ref: Tensor | None = None, name: st
     if not torch.is_floating_point(x):
         raise ValueError(f"{name} must have a floating dtype (float32 or float64), got {x.dtype}")
     if ref is not None and x.dtype != ref.dtype:
+        hint = (f"e.g. flow.to({x.dtype})" if x.dtype in (torch.float32, torch.float64)
+                else f"{name}.to({ref.dtype}): flows run in float32 or float64")
         raise ValueError(f"{name} has dtype {x.dtype} but {owner} is {ref.dtype}: "
-                         f"convert one of them (e.g. flow.to({x.dtype}))")
+                         f"convert one of them ({hint})")
     if ref is not None and x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {owner} is on {ref.device}")
     if finite and not bool(torch.isfinite(x).all()):

@@ -115,6 +115,28 @@ class FlowDistribution(TransformedDistribution, TorchDistributionMixin):
         log_q = last[1] if fresh else self.flow.log_prob(value)
         return log_q.expand(torch.broadcast_shapes(log_q.shape, self.batch_shape))
 
+    def _no_closed_form(self, what: str, how: str = "krflows.summary(flow.sample((10000,))), or "
+                        "marginal_quantiles for quantiles"):
+        return NotImplementedError(f"a flow's {what} has no closed form: estimate it from samples, "
+                                   f"e.g. {how}")
+
+    @property
+    def mean(self) -> Tensor:
+        raise self._no_closed_form("mean")
+
+    @property
+    def variance(self) -> Tensor:
+        raise self._no_closed_form("variance")
+
+    def entropy(self) -> Tensor:
+        raise self._no_closed_form("entropy", "-flow.log_prob(flow.sample((10000,))).mean()")
+
+    def cdf(self, value: Tensor) -> Tensor:
+        raise self._no_closed_form("cdf")
+
+    def icdf(self, value: Tensor) -> Tensor:
+        raise self._no_closed_form("icdf")
+
     def __repr__(self) -> str:
         batch = f", batch_shape={tuple(self.batch_shape)}" if self.batch_shape else ""
         return f"FlowDistribution(dim={self.event_shape[0]}{batch})"

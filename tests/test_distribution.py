@@ -122,8 +122,15 @@ def test_no_closed_forms():
     a, b = make_flow("affine", 2)(), make_flow("affine", 2, seed=1)()
     with pytest.raises(NotImplementedError):
         kl_divergence(a, b)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError, match="mean has no closed form: estimate it from samples"):
         a.mean  # noqa: B018
+    for name in ("variance", "stddev"):
+        with pytest.raises(NotImplementedError, match="variance has no closed form"):
+            getattr(a, name)
+    with pytest.raises(NotImplementedError, match="entropy has no closed form.*log_prob"):
+        a.entropy()
+    with pytest.raises(NotImplementedError, match="cdf has no closed form"):
+        a.cdf(torch.zeros(2, dtype=torch.float64))
     x = a.rsample((4000,))  # the Monte Carlo estimate the module docstring points to
     assert float((a.log_prob(x) - b.log_prob(x)).mean().detach()) > 0
 
