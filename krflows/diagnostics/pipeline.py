@@ -29,6 +29,7 @@ from krflows.diagnostics.weights import (
     mean_se,
     rounding_level,
     self_normalized,
+    tails,
 )
 from krflows.flows import eagerly
 from krflows.importance import check_nan_policy, log_weights
@@ -68,7 +69,10 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
     less than half its share (known or reweighted); valley mass
     above twice the target's; forward ESS < 0.5 (saying so when the forward weights'
     :math:`\hat k` > 0.7 makes it unreliable); EUBO − ELBO above 10 nats beyond three
-    standard errors (target draws where the flow's density is almost zero); :math:`\hat k` > 0.7
+    standard errors, or target draws given a flow density below :math:`e^{-50}` of the target's
+    (the flow's tails far too light there); target tails that decay like a power of the distance
+    (:func:`~krflows.diagnostics.weights.tails`: the weights are unbounded whatever
+    :math:`\hat k` says); :math:`\hat k` > 0.7
     (unreliable) or > 0.5; ESS < 0.05; both sample distances above 3x their floor; a large
     inverse residual. Else "no problems detected".
 
@@ -203,7 +207,8 @@ def _diagnose(flow, target, n, reference, functions, seed, n_exact, n_sub, n_inv
     stages = [rev, fwd, mode_stats(target, fs.x, fs.log_p, y, log_p_y, valley_level, max_modes),
               None if y is None else distances(fs.x, y, n_sub, seed),
               conditioning(flow, target, fs.x, z, log_diag, y, n_inverse),
-              mode_search(flow, target, fs.x, rev.log_z, modes, mode_options, fs.log_w)]
+              mode_search(flow, target, fs.x, rev.log_z, modes, mode_options, fs.log_w),
+              tails(target, fs.x, 0 if seed is None else seed)]
     e = {**fs.counts, **({} if ts is None else ts.counts)}
     for stage in stages:
         e.update(_fields(stage))

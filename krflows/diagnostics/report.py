@@ -96,6 +96,20 @@ LAYOUT: tuple[Entry, ...] = (
     Entry("forward_pareto_k", "Pareto k-hat of q/p at p", _WEIGHTS, None, "",
           "reliability of the forward ESS",
           ":func:`pareto_k` of the forward weights q/p~: above 0.7 the forward ESS is unreliable"),
+    Entry("forward_starved", "target draws starved by q", _WEIGHTS, None, "",
+          "log p~ - log q - log Z > 50 nats at samples of p",
+          "target draws where the flow's density is below e^-50 of the target's (with target samples)"),
+    Entry("forward_starved_max", "worst starved draw", _WEIGHTS, None, "nats",
+          "max of log p~ - log q - log Z", "the largest such excess, where any"),
+    Entry("tail_rays", "rays read in the tails", _WEIGHTS, None, "",
+          "log p~ at 8-64 flow spreads from the centre", ":func:`~krflows.diagnostics.weights.tails`: "
+          "rays along which log p~ decays at every step"),
+    Entry("tail_rays_power", "rays with power-law tails", _WEIGHTS, None, "",
+          "> 0: weights unbounded (flow tails are Gaussian)",
+          "of them, those where log p~ decays like a power of the distance"),
+    Entry("tail_decay_ratio", "smallest tail decay ratio", _WEIGHTS, None, "",
+          "4 Gaussian, 2 exponential, 1 power",
+          "the smallest ratio of successive decrements of log p~ along those rays"),
     # modes
     Entry("mode_weights", "mode weights, flow", _MODES, None, "", "from flow samples via target.assign",
           "flow mass per mode (targets with ``weights`` and ``assign``)", headline="mode weights, flow"),
@@ -239,6 +253,18 @@ def problems(e: Mapping, scale: float) -> list[str]:
         out.append(f"EUBO - ELBO = {e['jeffreys']:.3g} nats: the flow gives almost zero density to "
                    f"some of the target's draws (its tails are too light there), so tail "
                    f"probabilities and the forward ESS are not to be trusted")
+    elif e.get("forward_starved", 0) > 0:
+        out.append(f"{e['forward_starved']} of the {e['n_exact']} target draws get a flow density below "
+                   f"e^-50 of the target's (worst: e^-{e['forward_starved_max']:.3g}): the flow's tails are "
+                   f"far too light there, so tail probabilities from the flow, and importance weights' "
+                   f"standard errors, understate them")
+    if e.get("tail_rays_power", 0) > 0:
+        out.append(f"the target's log density decays like a power of the distance along "
+                   f"{e['tail_rays_power']} of {e['tail_rays']} rays from the flow's centre (Student-t-like "
+                   f"tails) while the flow's tails are Gaussian: the importance weights are unbounded, "
+                   f"so log Z and tail probabilities are biased low and their standard errors too small "
+                   f"whatever k̂ says; read tail estimates as lower bounds, or reparametrize (e.g. the "
+                   f"t's latent scale as a parameter)")
     k = e.get("pareto_k", math.nan)
     if k > PARETO_UNRELIABLE:
         out.append(f"k̂ = {k:.2f} > 0.7: importance-weighted estimates (log Z, expectations) are "
