@@ -585,8 +585,15 @@ class AutoKRFlow(AutoContinuous):
         with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream as it was
             trace = poutine.block(poutine.trace(self._raw_model[0]).get_trace)(*args, **kwargs)
         _latent_sites(trace, subsampled_ok=True)  # names discrete sites
-        if _subsampled_latents(trace):
-            return self._setup_minibatch(*args, **kwargs)
+        subsampled = _subsampled_latents(trace)
+        if subsampled:
+            return self._setup_minibatch(subsampled, *args, **kwargs)
+        declared = self._declared_subsampling(trace, *args, **kwargs)
+        if declared:  # a full-data first call of a guide built for minibatches
+            try:
+                return self._setup_minibatch(declared, *args, **kwargs)
+            except ValueError:  # those plates cannot be member plates: the full-data guide, as before
+                self.prototype_trace, self._minibatch = None, None
         with warnings.catch_warnings():  # a minibatch potential is fine for the warm-up (VI)
             warnings.simplefilter("ignore", SubsampledPotentialWarning)
             potential = ModelPotential(self._raw_model[0], *args, **kwargs)  # names discrete sites
@@ -628,12 +635,33 @@ class AutoKRFlow(AutoContinuous):
                             embedding=self._embedding, features=[p.features for p in found.plates],
                             **self._flow_args)
 
-    def _setup_minibatch(self, *args, **kwargs):
-        """Setup for latents in subsampled plates: a sparse flow over every member, pushed per minibatch."""
+    def _declared_subsampling(self, trace, *args, **kwargs) -> dict[str, dict[str, tuple[int, int]]]:
+        """The latent sites of ``trace`` in plates that ``create_plates`` makes (those the model
+        subsamples in minibatch calls), as :func:`_subsampled_latents` would list them in such a
+        call (here at full size). A guide with ``create_plates`` then has the minibatch guide's
+        flow whatever its first call: a probe's guide restored from a minibatch-trained param
+        store and first called on the full data (``Predictive``) built the full-data flow, whose
+        member features did not fit the stored weights; one first called on the full data could
+        not then train on minibatches."""
+        if self.create_plates is None or self._sparse is False:
+            return {}
+        with torch.random.fork_rng(devices=[]), poutine.block():  # a plate's subsample is a site
+            made = self.create_plates(*args, **kwargs)
+        names = {p.name for p in ([made] if isinstance(made, pyro.plate) else made)}
+        out = {}
+        for name, site in trace.iter_stochastic_nodes():
+            frames = {f.name: (int(f.size), int(f.size)) for f in site["cond_indep_stack"]
+                      if f.vectorized and f.name in names}
+            if frames and not site_is_subsample(site):
+                out[name] = frames
+        return out
+
+    def _setup_minibatch(self, subsampled: dict, *args, **kwargs):
+        """Setup for latents in subsampled plates (``subsampled``, as :func:`_subsampled_latents`
+        lists them): a sparse flow over every member, pushed per minibatch."""
         from krflows.plates import detect_plates
 
         super()._setup_prototype(*args, **kwargs)
-        subsampled = _subsampled_latents(self.prototype_trace)
         if self._sparse is False:
             raise ValueError(f"latent site(s) {sorted(subsampled)} lie in a subsampled plate: only the "
                              f"sparse flow can push a minibatch of members (sparse=None or True); the dense "

@@ -373,6 +373,27 @@ def test_minibatch_guide_refuses_what_it_cannot_subsample():
         AutoKRFlow(sub_coupled)(torch.randn(8), 4)
 
 
+def test_a_minibatch_guide_has_one_flow_whatever_its_first_call(tmp_path):
+    """A probe: the flow's architecture followed the first call, so a guide restored from a
+    minibatch-trained param store and first called on the full data (Predictive) refused the
+    stored weights, and one first called on the full data could not train on minibatches."""
+    y, sigma = _data(20)
+    guide = AutoKRFlow(sub_hierarchical, layers=1, hidden=(8,), create_plates=sub_plates)
+    _train(sub_hierarchical, guide, (y, sigma, 5), 3)
+    median = guide.median(y, sigma)
+    pyro.get_param_store().save(tmp_path / "store.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "store.pt")
+    restored = AutoKRFlow(sub_hierarchical, layers=1, hidden=(8,), create_plates=sub_plates)
+    draws = Predictive(sub_hierarchical, guide=restored, num_samples=7, parallel=True)(y, sigma)
+    assert draws["eta"].shape[-1] == 20
+    torch.testing.assert_close(restored.median(y, sigma)["eta"], median["eta"])
+    pyro.clear_param_store()
+    full_first = AutoKRFlow(sub_hierarchical, layers=1, hidden=(8,), create_plates=sub_plates)
+    full_first(y, sigma)
+    assert all(math.isfinite(loss) for loss in _train(sub_hierarchical, full_first, (y, sigma, 5), 2))
+
+
 @pytest.mark.slow
 def test_minibatch_svi_recovers_the_hierarchical_posterior():
     """J = 40 groups, minibatches of 10; oracle: the exact posterior by quadrature (bench_plates)."""
