@@ -179,7 +179,7 @@ def debias(flow, target, n: int = 20000, *, modes: str | ModeSet | None = "searc
     than a Gaussian-like mode (``df`` = 4 by default: finite variance, heavy tails). Not so for
     a target whose own tails are as heavy or heavier (a Student t with :math:`\nu \le 4`):
     there the weights stay unbounded, and a probe's Cauchy fit (d = 10) came out with k̂
-    0.57-0.69, log Z about 4 standard errors low and P(|x_1| > 10) 0.046-0.049 for 0.0635;
+    0.57-0.69, log Z about 4 standard errors low and ``P(|x_1| > 10)`` 0.046-0.049 for 0.0635;
     :func:`krflows.diagnose` says when a target's tails decay like a power
     (``tail_rays_power``).
 

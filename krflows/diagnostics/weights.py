@@ -326,8 +326,7 @@ def tails(target, x: Tensor, seed: int = 0) -> Tails | None:
     samples' median (each coordinate axis both ways, and ``2d`` random directions both ways),
     ``log p`` at 8, 16, 32 and 64 times the samples' spread along the ray. Where it decays at
     all three steps, the ratio of its last two decrements is 4 for Gaussian tails, 2 for
-    exponential ones and 1 for a power of the distance (Student t, Cauchy: ``-(
-u + d) \log r``).
+    exponential ones and 1 for a power of the distance (Student t, Cauchy: :math:`-(\nu + d) \log r`).
     A flow's tails are Gaussian (the spline's are linear, the affine stage is linear), so
     against power-law tails its importance weights are unbounded (:math:`k = 1` in the limit)
     while :math:`\hat k` from a finite sample can read 0.4-0.7: log Z and tail probabilities are
