@@ -43,3 +43,23 @@ def test_float32_tolerance():
     y = torch.linspace(-100, 100, 1001)
     z, res = solve_monotone(cubic, y, torch.ones(1001, 1), -1.0, 1.0)
     assert torch.allclose(z**3 + z, y, rtol=1e-5, atol=1e-4)
+
+
+def test_newton_steps_that_do_not_shrink_the_bracket_bisect():
+    """A probe: on an interpolated flow, Newton steps stayed inside the bracket and cycled between
+    z = -0.45 and -2.54 for all 100 iterations, so interpolate(0.7).log_prob was off by ~1 nat on
+    a band of x with no warning. Oracle: the forward map T_t at the returned z, and quadrature."""
+    from krflows import KRFlow
+
+    torch.manual_seed(0)
+    flow = KRFlow(1, layers=2, hidden=(16, 16)).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    dist = flow.interpolate(0.7)
+    T = dist.transforms[0]
+    x = torch.linspace(-0.56, -0.54, 41, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        assert float((T(T.inv(x)) - x).abs().max()) < 1e-10
+        grid = torch.linspace(-25, 25, 100001, dtype=torch.float64)[:, None]
+        assert abs(float(torch.trapezoid(dist.log_prob(grid).exp(), grid[:, 0])) - 1) < 1e-6
