@@ -435,3 +435,27 @@ def test_flow_interpolate_method_matches_the_function():
     flow = krflows.KRFlow(2, layers=1, hidden=(8,)).double()
     x = torch.randn(5, 2, dtype=torch.float64)
     assert torch.allclose(flow.interpolate(0.4).log_prob(x), interpolate(flow, 0.4).log_prob(x))
+
+
+def test_points_of_zero_weight_are_left_out_of_the_solve():
+    """A probe: zeros in both marginals sent POT's plain Sinkhorn to NaN and the fallback to an
+    all-zero plan, so the divergence of any weighted set with a zero was wrong (its self-terms
+    have zeros on both sides). Oracle: POT's log-domain Sinkhorn on the points of positive weight."""
+    import ot
+
+    from krflows.ot import sinkhorn_divergence, sinkhorn_plan
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 1, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 1, generator=g, dtype=torch.float64)
+    a = torch.tensor([0, 1, 1, 1, 1, 1.0], dtype=torch.float64)
+    b = torch.tensor([1, 1, 1, 1, 0.0], dtype=torch.float64)
+    plan = sinkhorn_plan(x, y, 0.5, a, b)
+    assert float(plan[0].abs().sum()) == 0.0 and float(plan[:, 4].abs().sum()) == 0.0
+    want = ot.sinkhorn((a[1:] / 5).numpy(), (b[:4] / 4).numpy(), ot.dist(x[1:].numpy(), y[:4].numpy()), 0.5,
+                       method="sinkhorn_log", stopThr=1e-12, numItermax=10000)
+    torch.testing.assert_close(plan[1:, :4], torch.from_numpy(want), atol=1e-8, rtol=0)
+    subset = float(sinkhorn_divergence(x[1:], y, 0.5))
+    assert float(sinkhorn_divergence(x, y, 0.5, a=a)) == pytest.approx(subset, abs=1e-8)
+    with pytest.raises(ValueError, match="positive sum"):
+        sinkhorn_plan(x, y, 0.5, torch.zeros(6, dtype=torch.float64))

@@ -21,8 +21,9 @@ def _weights(w: Tensor | None, n: int, name: str) -> Tensor:
     if w is None:
         return torch.full((n,), 1.0 / n, dtype=torch.float64)
     w = torch.as_tensor(w, dtype=torch.float64).detach().cpu()
-    if w.shape != (n,) or (w < 0).any() or not torch.isfinite(w).all():
-        raise ValueError(f"{name} must be nonnegative finite weights of shape ({n},), got {tuple(w.shape)}")
+    if w.shape != (n,) or (w < 0).any() or not torch.isfinite(w).all() or not w.sum() > 0:
+        raise ValueError(f"{name} must be nonnegative finite weights of shape ({n},) with a positive sum, "
+                         f"got shape {tuple(w.shape)}, sum {float(w.sum()) if w.numel() else 0.0:g}")
     return w / w.sum()
 
 
@@ -89,13 +90,20 @@ def _sinkhorn_numpy(x: Tensor, y: Tensor, eps: float, a, b, max_iter: int, tol: 
     a, b = _weights(a, xp.shape[0], "a").numpy(), _weights(b, yp.shape[0], "b").numpy()
     cost = ot.dist(xp, yp)
     kw = dict(numItermax=max_iter, stopThr=tol)
+    # points of zero weight are left out of the solve and get zero rows / columns: with zeros in
+    # both marginals POT's plain Sinkhorn went NaN at its first iteration and the fallback returned
+    # an all-zero plan (a probe; the divergence's self-terms always have zeros on both sides)
+    ia, ib = a > 0, b > 0
+    sub_a, sub_b, sub_cost = a[ia], b[ib], cost[np.ix_(ia, ib)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence is checked below, on the marginals
-        plan = None
-        if float(cost.max()) / eps < 500:  # the kernel exp(-C / eps) stays far from underflow
-            plan = ot.sinkhorn(a, b, cost, eps, **kw)
-        if plan is None or not np.isfinite(plan).all() or _violation(plan, a, b) > 10 * tol:
-            plan = ot.sinkhorn(a, b, cost, eps, method="sinkhorn_epsilon_scaling", **kw)
+        sub = None
+        if float(sub_cost.max()) / eps < 500:  # the kernel exp(-C / eps) stays far from underflow
+            sub = ot.sinkhorn(sub_a, sub_b, sub_cost, eps, **kw)
+        if sub is None or not np.isfinite(sub).all() or _violation(sub, sub_a, sub_b) > 10 * tol:
+            sub = ot.sinkhorn(sub_a, sub_b, sub_cost, eps, method="sinkhorn_epsilon_scaling", **kw)
+    plan = np.zeros_like(cost)
+    plan[np.ix_(ia, ib)] = sub
     violation = _violation(plan, a, b)
     if not violation <= 10 * tol:
         warnings.warn(f"{caller}: marginals violated by {violation:.2g} > 10 tol after {max_iter} "
