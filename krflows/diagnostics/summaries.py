@@ -217,9 +217,10 @@ def summary(x, log_weights: Tensor | None = None, *, target=None, probs: Sequenc
     if smooth:
         lw, k = psis_smooth(lw)
     else:
-        from krflows.diagnostics.weights import pareto_k
+        from krflows.diagnostics.weights import pareto_k_or_bounded
 
-        k = pareto_k(lw)
+        k = pareto_k_or_bounded(lw, 1e-12 * (1 + float(lw[lw > -math.inf].abs().max())) if bool(
+            (lw > -math.inf).any()) else 0.0)  # -inf (a bounded tail) for equal weights, not NaN
     w = torch.softmax(lw, 0)[:, None]
     mean = (w * cols).sum(0)
     sd = (w * (cols - mean) ** 2).sum(0).sqrt()

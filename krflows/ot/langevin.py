@@ -4,6 +4,7 @@ of :math:`\mathrm{KL}(\cdot \,\|\, p)`; a baseline, and dynamics a flow's bias c
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -36,8 +37,8 @@ def _setup(target, x0: Tensor, step: float, n_steps: int):
         raise ValueError(f"x0 must be a floating tensor of shape (*, d), got {type(x0).__name__}")
     if not step > 0:
         raise ValueError(f"step must be positive, got {step}")
-    if int(n_steps) < 0:
-        raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 0:
+        raise ValueError(f"n_steps must be an integer >= 0, got {n_steps!r}")
     return as_target(target, x0.shape[-1]).log_prob
 
 
