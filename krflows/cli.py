@@ -31,7 +31,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from krflows.callbacks import DiagnosticsReport, RunCheckpoint, SamplePlots, TrainingMetrics
 from krflows.lightning import KRFlowModule
@@ -105,8 +105,15 @@ class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter)
     """Keeps the line breaks of the description."""
 
 
+#: model options that a resumed run may change: how the target's values are read, not the model
+RESUME_MAY_CHANGE = ("nan",)
+_RUN_DIR: list[str | None] = [None]  # the run directory of the last CLI run in this process
+
+
 class KRFlowCLI(LightningCLI):
     """``LightningCLI`` with the ``fit`` subcommand, krflows' callbacks and a run directory."""
+
+    _resume_overrides: dict  # RESUME_MAY_CHANGE options given with --ckpt_path (parse_arguments)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -130,9 +137,12 @@ class KRFlowCLI(LightningCLI):
 
         Lightning then merges the checkpoint's hyperparameters over the parsed model options;
         a model option given here that differs from them would be silently ignored, so it is
-        refused (trainer options, e.g. ``--trainer.max_steps``, may change on resume).
+        refused (trainer options, e.g. ``--trainer.max_steps``, may change on resume), except
+        :data:`RESUME_MAY_CHANGE`: ``--model.nan zero`` is what a run stopped by a NaN target is
+        told to resume with.
         """
         super().parse_arguments(parser, args)
+        self._resume_overrides = {}
         if self.config.get("subcommand") != "fit" or not self.config.fit.get("ckpt_path"):
             return
         path = self.config.fit.ckpt_path
@@ -143,6 +153,10 @@ class KRFlowCLI(LightningCLI):
         conflicts = []
         for key in sorted(set(vars(model)) & set(hparams)):
             value, saved = _plain(model[key]), _plain(hparams[key])
+            if key in RESUME_MAY_CHANGE:
+                if key in given and value != saved:  # Lightning merges the saved value over it next
+                    self._resume_overrides[key] = model[key]
+                continue
             if (key in given or value != _plain(defaults[key])) and value != saved:
                 conflicts.append(f"--model.{key} {_show(value)} (the checkpoint has {_show(saved)})")
         if conflicts:
@@ -153,6 +167,8 @@ class KRFlowCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         model = config.model
+        for key, value in self._resume_overrides.items():  # over the checkpoint's, merged since
+            model[key] = value
         if (model.target != DEFAULTS["model.target"]
                 and model.target_options == DEFAULTS["model.target_options"]):
             model.target_options = None  # the default options belong to the default target
@@ -206,12 +222,15 @@ class KRFlowCLI(LightningCLI):
         """Builds the model, callbacks and trainer; a bad option is a usage error, not a traceback."""
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            # MisconfigurationException: e.g. --trainer.accelerator gpu on a machine without one
             if self._claimed is not None and not os.listdir(self._claimed):
                 os.rmdir(self._claimed)  # nothing was written: give the name back
-            _usage_error(str(err))
+            _usage_error(f"{type(err).__name__}: {err}" if isinstance(err, MisconfigurationException)
+                         else str(err))
 
     def instantiate_trainer(self, **kwargs):
+        _RUN_DIR[0] = os.path.join(self.run_root, self.run_name)  # for main's error message
         config = self._get(self.config_init, "trainer", default={})
         logger = config.get("logger")
         if logger is None or logger is True:
@@ -320,13 +339,20 @@ def _summary(report) -> list[str]:
 
 def main(args: list[str] | None = None) -> None:
     """Runs the ``krflows`` command line (``args`` default to ``sys.argv[1:]``)."""
+    _RUN_DIR[0] = None
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # no data to load
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning vs torch
     description = DESCRIPTION.format(targets=", ".join(sorted(TARGETS)), steps=TRAINER_DEFAULTS["max_steps"])
     try:
         _run_cli(description, args)
     except (TrainingDivergedError, NonFiniteTargetError, NonDifferentiableTargetError) as err:
-        print(f"krflows fit: error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        kept = "" if _RUN_DIR[0] is None else os.path.join(_RUN_DIR[0], "checkpoints", "last.ckpt")
+        if kept and os.path.isfile(kept):
+            nan = " --model.nan zero" if isinstance(err, NonFiniteTargetError) and "NaN" in str(err) else ""
+            kept = f"; the last checkpoint is kept: resume with krflows fit --ckpt_path {kept}{nan}"
+        else:
+            kept = ""
+        print(f"krflows fit: error: {type(err).__name__}: {err}{kept}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     except SIGTERMException as stop:  # a SystemExit with code None: it would exit 0
         signum, step, path = getattr(stop, "krflows_stop", (signal.SIGTERM, None, None))

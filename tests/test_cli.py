@@ -157,6 +157,19 @@ def test_resume_refuses_conflicting_model_options(tmp_path, capsys):
     # the same values as the checkpoint's, and trainer options, are fine
     run(*TINY, "--trainer.max_steps", "3", "--ckpt_path", str(last), "--model.target", "banana")
     assert torch.load(last, weights_only=False)["global_step"] == 3
+    # how NaN is read may change (a run stopped by a NaN target is told to resume with it)
+    run(*TINY, "--trainer.max_steps", "4", "--ckpt_path", str(last), "--model.nan", "zero")
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 4 and state["hyper_parameters"]["nan"] == "zero"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_missing_accelerator_is_a_usage_error_that_gives_the_name_back(tmp_path, capsys):
+    """A probe: a 36-line traceback, and an empty run directory that then blocked the name."""
+    with pytest.raises(SystemExit) as exit_:
+        run(*TINY, "--root_dir", str(tmp_path), "--name", "g", "--trainer.accelerator", "gpu")
+    assert exit_.value.code == 2 and "MisconfigurationException" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
 
 
 KILL_AT = '''
