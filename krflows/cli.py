@@ -211,9 +211,11 @@ class KRFlowCLI(LightningCLI):
             except FileExistsError:
                 if versioned:
                     continue
+                last = os.path.join(path, "checkpoints", "last.ckpt")
+                resume = (f"resume that run with --ckpt_path {last}" if os.path.isfile(last) else
+                          "(it holds no checkpoint: that run stopped before its first)")
                 _usage_error(f"the run directory {path} already exists, and krflows never writes into "
-                             f"another run: choose another --name, resume that run with --ckpt_path "
-                             f"{os.path.join(path, 'checkpoints', 'last.ckpt')}, or remove the directory")
+                             f"another run: choose another --name, {resume}, or remove the directory")
             self._claimed = path
             return candidate
         raise RuntimeError(f"no free run name {name}-N in {root}")

@@ -103,6 +103,9 @@ def test_runs_are_never_clobbered(tmp_path, capsys):
 
     err = refused("--name", "one")
     assert f"the run directory {run_dir} already exists" in err and "--ckpt_path" in err
+    (tmp_path / "empty").mkdir()  # a run stopped before its first checkpoint: no resume advice
+    err = refused("--name", "empty")
+    assert "already exists" in err and "holds no checkpoint" in err and "--ckpt_path" not in err
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes()[:2000])
