@@ -106,6 +106,7 @@ def test_runs_are_never_clobbered(tmp_path, capsys):
     (tmp_path / "empty").mkdir()  # a run stopped before its first checkpoint: no resume advice
     err = refused("--name", "empty")
     assert "already exists" in err and "holds no checkpoint" in err and "--ckpt_path" not in err
+    (tmp_path / "empty").rmdir()
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes()[:2000])
