@@ -6,7 +6,9 @@ through ``T^{-1}`` (``flow.log_prob``). Everything else lives in the target's sp
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -221,13 +223,21 @@ def debias(flow, target, n: int = 20000, *, modes: str | ModeSet | None = "searc
     """
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
-    if df <= 0:
-        raise ValueError(f"df must be positive, got {df}")
+    if not (math.isfinite(df) and df > 0):
+        raise ValueError(f"df must be positive and finite, got {df}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
     check_nan_policy(nan)
     target = as_target(target, dim=flow.dim)
+    if isinstance(modes, ModeSet) and len(modes) and modes.locations.shape[-1] != flow.dim:
+        raise ValueError(f"modes holds points of dimension {modes.locations.shape[-1]}, but the flow "
+                         f"has dim {flow.dim}: a ModeSet found on another target?")
     device = getattr(flow, "device", None) or target.device
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.no_grad():
+    # a compiled flow runs eagerly here, as in diagnose: new batch shapes would each compile
+    eager = getattr(flow, "eager", None)
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.no_grad(), \
+            (eager() if eager is not None else contextlib.nullcontext()):
         if seed is not None:
             torch.manual_seed(seed)
         if isinstance(modes, str):

@@ -172,7 +172,9 @@ def _gradient(target: Target, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.detach().requires_grad_(True)
         lp = _log_prob(target, x)
         ok = torch.isfinite(lp)
-        (g,) = torch.autograd.grad(lp[ok].sum(), x) if bool(ok.any()) else (torch.zeros_like(x),)
+        # a log p without a graph (constant where finite, e.g. a uniform on a box) is flat: gradient 0
+        flat = not lp.requires_grad or not bool(ok.any())
+        (g,) = (torch.zeros_like(x),) if flat else torch.autograd.grad(lp[ok].sum(), x)
     return lp.detach(), torch.where(ok[:, None], g, 0.0).nan_to_num(0.0, 0.0, 0.0)
 
 
@@ -190,7 +192,7 @@ def _hessian(target: Target, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = x.detach().requires_grad_(True)
         lp = _log_prob(target, x)
         ok = torch.isfinite(lp)
-        if not bool(ok.any()):
+        if not bool(ok.any()) or not lp.requires_grad:  # no graph: flat where finite (see _gradient)
             return lp.detach(), torch.zeros_like(x), x.new_zeros(n, d, d)
         (g,) = torch.autograd.grad(lp[ok].sum(), x, create_graph=True)
         eye = torch.eye(d, dtype=x.dtype, device=x.device)[:, None, :].expand(d, n, d)

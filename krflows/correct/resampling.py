@@ -7,7 +7,9 @@ needed; :mod:`krflows.pyro` re-exports them for its models' potentials.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -27,12 +29,26 @@ class Resampled(NamedTuple):
     ess: float  # normalized ESS of the m weights
 
 
-def _weighted_draws(flow, target, m: int, nan: str) -> tuple[Tensor, Tensor]:
-    """``m`` flow samples and their log-weights; ``-inf`` (zero weight) where not usable."""
-    with torch.no_grad():
+def _weighted_draws(flow, target, m: int, nan: str, generator: torch.Generator | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """``m`` flow samples and their log-weights; ``-inf`` (zero weight) where not usable. With a
+    ``generator``, the flow draws on a stream seeded from it (the global one left as it was):
+    the same generator state gives the same draws (a probe: ``generator=`` drove only the
+    resampling, so seeded runs differed)."""
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        if generator is not None:
+            device = getattr(flow, "device", torch.device("cpu"))
+            stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         x, log_q = flow.rsample_and_log_prob((m,))
         w = log_weights(target, x, log_q, nan)
     return x, torch.where(w.valid, w.log_w, torch.full_like(w.log_w, -math.inf))
+
+
+def _count(name: str, value, least: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)
 
 
 def importance_resample(flow, target, n: int, m: int | None = None,
@@ -49,12 +65,15 @@ def importance_resample(flow, target, n: int, m: int | None = None,
         n: resampled points; ``m``: proposals (default ``10 n``).
         nan: ``"error"`` or ``"zero"``: what a NaN from the target means (:mod:`krflows.importance`).
     """
-    m = 10 * n if m is None else m
-    x, log_w = _weighted_draws(flow, as_target(target, dim=flow.dim), m, nan)
+    n = _count("n", n)
+    m = 10 * n if m is None else _count("m", m)
+    x, log_w = _weighted_draws(flow, as_target(target, dim=flow.dim), m, nan, generator)
     if not bool(torch.isfinite(log_w).any()):
         raise ValueError("no proposal has a finite importance weight")
     idx = torch.multinomial(torch.softmax(log_w.double(), 0), n, replacement=True, generator=generator)
-    return Resampled(x[idx.to(x.device)], log_w, float(ess(log_w[torch.isfinite(log_w)])))
+    # every one of the m weights, zeros (log -inf) included: a probe's flow with 93% of its
+    # proposals outside the support read 0.9995 when the zeros were left out
+    return Resampled(x[idx.to(x.device)], log_w, float(ess(log_w)))
 
 
 def self_normalized_expectation(flow, target, fn: Callable[[Tensor], Tensor], n: int = 10000,
@@ -62,8 +81,10 @@ def self_normalized_expectation(flow, target, fn: Callable[[Tensor], Tensor], n:
     r"""The self-normalized importance estimate of :math:`E_p[f]` and its standard error,
     from ``n`` flow samples (:func:`krflows.diagnostics.self_normalized`); ``fn`` maps
     ``(n, d)`` to ``(n, *)``."""
-    x, log_w = _weighted_draws(flow, as_target(target, dim=flow.dim), n, nan)
+    x, log_w = _weighted_draws(flow, as_target(target, dim=flow.dim), _count("n", n), nan)
     keep = torch.isfinite(log_w)
+    if not bool(keep.any()):
+        raise ValueError("no flow sample has a finite importance weight")
     return self_normalized(fn(x[keep]), log_w[keep])
 
 
@@ -86,26 +107,33 @@ def independence_mh(flow, target, n_steps: int, x0: Tensor | None = None, batch_
         flow: the proposal, with ``rsample_and_log_prob`` (e.g. a :class:`~krflows.KRFlow`).
         target: a krflows target or callable ``log_prob(x) -> (n,)``.
         n_steps: chain length (the returned samples include repeats, no burn-in dropped).
-        x0: the initial state ``(d,)`` (default: the first proposal).
+        x0: the initial state ``(d,)`` (default: the first proposal of positive weight).
         batch_size: proposals drawn (and their weights evaluated) per batch.
         nan: ``"error"`` or ``"zero"``: what a NaN from the target means (:mod:`krflows.importance`).
 
     Returns:
         ``IMHResult(samples (n_steps, d), acceptance_rate, log_w (n_steps,))``.
     """
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be a positive int, got {n_steps}")
+    n_steps, batch_size = _count("n_steps", n_steps), _count("batch_size", batch_size)
     target = as_target(target, dim=flow.dim)
-    if x0 is None:
-        x, lw = _weighted_draws(flow, target, 1, nan)
-        x, lw = x[0], lw[0]
+    if x0 is None:  # the first proposal of positive weight (a state of zero weight never moves)
+        x, lw = _weighted_draws(flow, target, batch_size, nan, generator)
+        good = torch.isfinite(lw).nonzero()
+        if not good.numel():
+            raise ValueError(f"none of {batch_size} flow samples has a finite importance weight: no "
+                             f"state to start the chain from (pass x0 in the target's support)")
+        x, lw = x[int(good[0])], lw[int(good[0])]
     else:
+        if not isinstance(x0, Tensor):
+            raise ValueError(f"x0 must be a tensor of shape ({flow.dim},), got {type(x0).__name__}")
         with torch.no_grad():
             x, lw = x0, log_weights(target, x0[None], flow.log_prob(x0[None]), nan).log_w[0]
+        if not math.isfinite(float(lw)):
+            raise ValueError("x0 must lie where the target's density is positive (its weight is 0)")
     samples, log_ws, accepted, done = [], [], 0, 0
     while done < n_steps:
         m = min(batch_size, n_steps - done)
-        prop, lw_prop = _weighted_draws(flow, target, m, nan)
+        prop, lw_prop = _weighted_draws(flow, target, m, nan, generator)
         log_u = torch.rand(m, generator=generator, dtype=torch.float64).log().tolist()
         states = torch.empty(m, dtype=torch.long)
         chosen_lw = torch.empty(m, dtype=lw_prop.dtype)

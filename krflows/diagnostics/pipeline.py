@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
         (1.0, 'no problems detected (ESS 1.00, forward ESS 1.00, k̂ -inf)')
     """
     check_nan_policy(nan)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
+        raise ValueError(f"n must be an integer >= 2 (flow samples), got {n!r}")
     target = as_target(target, dim=flow.dim)
     devices = [flow.device] if flow.device.type == "cuda" else []
     # a compiled flow runs eagerly here: each new batch shape would cost a compilation (minutes

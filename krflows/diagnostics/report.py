@@ -210,7 +210,7 @@ def problems(e: Mapping, scale: float) -> list[str]:
         out.append(f"{e['n_dropped']} of {e['n'] + e['n_dropped']} flow samples had a NaN/+inf "
                    f"log-density and were dropped")
     if e.get("frac_zero_density", 0) > 0:
-        out.append(f"{100 * e['frac_zero_density']:.2g}% of the flow's samples fall where the "
+        out.append(f"{100 * e['frac_zero_density']:.3g}% of the flow's samples fall where the "
                    f"target density is zero (ELBO = -inf)")
     if e.get("missed_modes") and not e.get("missing_modes"):
         out.append(_missed_message(e))
