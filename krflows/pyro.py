@@ -240,7 +240,16 @@ class ModelPotential(Target):
     def _log_prob(self, x: Tensor) -> Tensor:
         batch, flat = x.shape[:-1], x.reshape(-1, self.dim)
         if self.vectorize:
-            out = self._log_prob_batch(flat)
+            try:
+                out = self._log_prob_batch(flat)
+            except (RuntimeError, ValueError) as err:  # typically a shape mismatch of .expand(...)
+                if type(err) not in (RuntimeError, ValueError):
+                    raise
+                raise type(err)(f"{err}\n(krflows evaluates a Pyro model on a batch of points in one "
+                                f"run: a model that does not broadcast over a leading batch dimension, "
+                                f"e.g. latents made with .expand(...) instead of pyro.plate, needs "
+                                f"potential_from_model(model, ..., vectorize=False), one run per point)"
+                                ) from err
         else:  # one plain model run per point: n times the cost of the vectorized path
             out = torch.stack([self._log_prob_point(row) for row in flat]) if len(flat) else flat[:, 0]
         return out.reshape(batch)
