@@ -98,10 +98,11 @@ def _is_real(v) -> bool:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
 
 
-def check_int(name: str, value, low: int) -> int:
-    """``value`` must be an int ``>= low``; returns it as a Python int."""
-    if not _is_int(value) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """``value`` must be an int ``>= low`` (and ``<= high``); returns it as a Python int."""
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
     return int(value)
 
 

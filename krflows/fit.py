@@ -47,14 +47,13 @@ of :mod:`krflows.train`, shared with the Lightning module.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from krflows._checks import check_points
+from krflows._checks import check_int, check_points
 from krflows.diagnostics.weights import ess
 from krflows.importance import check_nan_policy, log_weights
 from krflows.objectives import forward_kl, reverse_kl, support_elbo
@@ -157,8 +156,7 @@ def fit(
     counts = (("steps", steps, 0), ("batch_size", batch_size, 1), ("log_every", log_every, 1),
               ("warmup", 0 if warmup is None else warmup, 0))
     for name, value, least in counts:
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        check_int(name, value, least)
     if not 0.0 <= anneal <= 1.0:
         raise ValueError(f"anneal must be in [0, 1] (the fraction of the steps over which beta rises "
                          f"from beta0 to 1), got {anneal!r}")

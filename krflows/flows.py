@@ -13,7 +13,6 @@ of a Gaussian), which leaves the layers' boxes ``[-B, B]`` in standardized units
 from __future__ import annotations
 
 import contextlib
-import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
@@ -96,12 +95,6 @@ class _LowerAffineStage(TriangularTransform):
         r = (x - s.shift).reshape(-1, x.shape[-1])
         z = torch.linalg.solve_triangular(s.tril(), r.mT, upper=False).mT.reshape(x.shape)
         return z, s.log_diag.expand(x.shape)
-
-
-def _check_count(k, least: int, most: int) -> None:
-    """``k`` must be an integer in ``[least, most]`` (a number of leading coordinates)."""
-    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not least <= k <= most:
-        raise ValueError(f"k must be an integer in [{least}, {most}] (leading coordinates), got {k!r}")
 
 
 class _Reference(Independent):
@@ -529,7 +522,7 @@ class KRFlow(nn.Module):
     @torch.no_grad()
     def sample_marginal(self, shape: Sequence[int] | int, k: int) -> Tensor:
         """Samples of the first ``k`` coordinates (flow order), shape ``(*shape, k)``."""
-        _check_count(k, 1, self.dim)
+        check_int("k", k, 1, self.dim)
         z = self.base.sample(_size(shape))
         return self.triangular(z)[..., :k]
 
@@ -559,7 +552,7 @@ class KRFlow(nn.Module):
     def conditional_log_prob(self, y: Tensor, k: int) -> Tensor:
         r"""``log q(y_{k+1:d} | y_{1:k})`` for full points ``y`` (flow order), shape ``(*)``;
         ``0 <= k < d`` (``k = 0``: :meth:`log_prob` in flow order)."""
-        _check_count(k, 0, self.dim - 1)
+        check_int("k", k, 0, self.dim - 1)
         y = check_points(y, self.dim, self._ref, "y")
         z, log_diag = self.triangular.inverse_and_log_diag(y)
         terms = Normal(0.0, 1.0).log_prob(z) - log_diag

@@ -111,7 +111,7 @@ def reverse_kl(flow, target, n: int, beta: float = 1.0, path_gradient: bool = Fa
     kept = int(ok.sum())
     if kept == 0:
         raise _no_finite_value(flow, target, x)
-    _remember_finite(flow, target, x[ok])
+    _remember_finite(flow, target, x)
     check_differentiable(weights.log_p, x)
     loss = (log_q[ok] - beta * weights.log_p[ok]).mean()
     if not bool(torch.isfinite(loss)):  # finite log p: log q or the sum overflowed, the flow's fault
@@ -146,8 +146,9 @@ def _outside_mass(flow, x_out: Tensor, kept: int, n: int) -> Tensor | float:
     return value + (log_q - log_q.detach()).sum() / kept
 
 
-# flow -> (weak reference to the last target that was finite on one of its batches, the largest
-# max |x| of its samples at which that target was finite)
+# flow -> (weak reference to the last target that was finite on one of its batches, that batch's
+# samples): kept as they are (no copy, no reduction: this runs at every training step, where a
+# reduction would be a host synchronization on a GPU); their scale is read only on a failure
 _FINITE_ONCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # a batch reaching more than this many times the largest |x| at which the target was finite
@@ -156,14 +157,10 @@ _BLOWN_UP = 4.0
 
 
 def _remember_finite(flow, target, x: Tensor | None = None) -> None:
-    """Records that ``target`` was finite at points ``x`` of ``flow`` (their scale; ``None``: no
-    scale known, which blames the flow only for non-finite parameters or samples)."""
-    scale = _scale(x) if x is not None and x.numel() else 0.0
+    """Records that ``target`` was finite on the batch ``x`` of ``flow`` (``None``: no batch known,
+    which blames the flow only for non-finite parameters or samples)."""
     try:
-        ref, seen = _FINITE_ONCE.get(flow, (lambda: None, 0.0))
-        if ref() is target:
-            scale = max(scale, seen)
-        _FINITE_ONCE[flow] = (weakref.ref(target), scale)
+        _FINITE_ONCE[flow] = (weakref.ref(target), None if x is None else x.detach())
     except TypeError:  # an object without weak references: no memory, the target is blamed
         pass
 
@@ -182,7 +179,7 @@ def _flow_fault(flow, target, x: Tensor) -> str | None:
     """Why the flow, not the target, is at fault for non-finite target values, or ``None``.
 
     The flow is at fault if its parameters or samples are not finite, or if the same target
-    was finite on earlier batches of this flow and this batch reaches more than 4 times their
+    was finite on the last batch of this flow and this batch reaches more than 4 times its
     largest ``|x|`` (the optimizer moved the flow far out: a learning rate too high, typically).
     A target that is NaN at points like those it was finite at is the target's fault (a NaN on
     part of the space: ``nan="zero"`` reads it as zero density), whatever happened before.
@@ -192,10 +189,11 @@ def _flow_fault(flow, target, x: Tensor) -> str | None:
     if not bool(torch.isfinite(x).all()):
         return "the flow's samples are not finite"
     try:
-        ref, seen = _FINITE_ONCE.get(flow, (lambda: None, 0.0))
+        ref, before = _FINITE_ONCE.get(flow, (lambda: None, None))
     except TypeError:
         return None
-    if ref() is target and 0.0 < seen and _scale(x) > _BLOWN_UP * seen:
+    seen = 0.0 if before is None or not before.numel() else _scale(before)
+    if ref() is target and 0.0 < seen < math.inf and _scale(x) > _BLOWN_UP * seen:
         return (f"this batch reaches max |x| = {_scale(x):.3g}, more than {_BLOWN_UP:g} times the "
                 f"{seen:.3g} of the earlier samples of this flow at which the same target was finite")
     return None

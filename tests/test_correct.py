@@ -361,9 +361,9 @@ def test_corrections_on_a_box_target_count_zero_weights_and_start_inside():
     # uniform on [0, 1]^2: log Z = 0; the flat target's mode search no longer crashes
     res = debias(flow, lambda x: box(x, 1.0), n=4000, seed=0)
     assert abs(res.log_z) < 4 * res.log_z_se + 0.02
-    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
         importance_resample(flow, box, 0)
-    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
         debias(flow, box, n=0)
-    with pytest.raises(ValueError, match="n must be an integer >= 2"):
+    with pytest.raises(ValueError, match="n must be an int >= 2"):
         krflows.diagnose(flow, box, n=1)

@@ -185,8 +185,8 @@ def test_divergence_is_blamed_on_the_flow_not_the_target():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"steps": -1}, "steps must be an integer >= 0"), ({"steps": 2.5}, "steps must be an integer"),
-    ({"batch_size": 0}, "batch_size must be an integer >= 1"), ({"log_every": 0}, "log_every must be"),
+    ({"steps": -1}, "steps must be an int >= 0"), ({"steps": 2.5}, "steps must be an int"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1"), ({"log_every": 0}, "log_every must be"),
     ({"warmup": -5}, "warmup must be"), ({"anneal": 2.0}, r"anneal must be in \[0, 1\]"),
     ({"beta0": 0.0}, r"beta0 must be in \(0, 1\]"),
     ({"objective": "forward_kl", "samples": torch.randn(100, 3)}, r"samples must have shape \(\*, 2\)"),

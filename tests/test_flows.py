@@ -154,10 +154,10 @@ def test_empty_batches_give_empty_results(family):
 def test_coordinate_counts_are_checked():
     flow = make_flow("spline", 3)
     for bad in (4, -1, 0, 1.0):
-        with pytest.raises(ValueError, match=r"k must be an integer in \[1, 3\]"):
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 3\]"):
             flow.sample_marginal((5,), bad)
     for bad in (3, -1):
-        with pytest.raises(ValueError, match=r"k must be an integer in \[0, 2\]"):
+        with pytest.raises(ValueError, match=r"k must be an int in \[0, 2\]"):
             flow.conditional_log_prob(flow.sample((2,)), bad)
     y = flow.sample((4,))
     torch.testing.assert_close(flow.conditional_log_prob(y, 0), flow.log_prob(y))

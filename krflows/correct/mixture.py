@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from krflows._checks import check_int
 from krflows.correct.modes import ModeSet, find_modes, mahalanobis
 from krflows.diagnostics.weights import ess as _ess
 from krflows.diagnostics.weights import log_z_estimate, pareto_k, self_normalized
@@ -225,8 +225,7 @@ def debias(flow, target, n: int = 20000, *, modes: str | ModeSet | None = "searc
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
     if not (math.isfinite(df) and df > 0):
         raise ValueError(f"df must be positive and finite, got {df}")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    check_int("n", n, 1)
     check_nan_policy(nan)
     target = as_target(target, dim=flow.dim)
     if isinstance(modes, ModeSet) and len(modes) and modes.locations.shape[-1] != flow.dim:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from krflows._checks import check_int
 from krflows.diagnostics.weights import ess, self_normalized
 from krflows.importance import log_weights
 from krflows.targets import as_target
@@ -45,11 +45,6 @@ def _weighted_draws(flow, target, m: int, nan: str, generator: torch.Generator |
     return x, torch.where(w.valid, w.log_w, torch.full_like(w.log_w, -math.inf))
 
 
-def _count(name: str, value, least: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    return int(value)
-
 
 def importance_resample(flow, target, n: int, m: int | None = None,
                         generator: torch.Generator | None = None, nan: str = "error") -> Resampled:
@@ -65,8 +60,8 @@ def importance_resample(flow, target, n: int, m: int | None = None,
         n: resampled points; ``m``: proposals (default ``10 n``).
         nan: ``"error"`` or ``"zero"``: what a NaN from the target means (:mod:`krflows.importance`).
     """
-    n = _count("n", n)
-    m = 10 * n if m is None else _count("m", m)
+    n = check_int("n", n, 1)
+    m = 10 * n if m is None else check_int("m", m, 1)
     x, log_w = _weighted_draws(flow, as_target(target, dim=flow.dim), m, nan, generator)
     if not bool(torch.isfinite(log_w).any()):
         raise ValueError("no proposal has a finite importance weight")
@@ -81,7 +76,7 @@ def self_normalized_expectation(flow, target, fn: Callable[[Tensor], Tensor], n:
     r"""The self-normalized importance estimate of :math:`E_p[f]` and its standard error,
     from ``n`` flow samples (:func:`krflows.diagnostics.self_normalized`); ``fn`` maps
     ``(n, d)`` to ``(n, *)``."""
-    x, log_w = _weighted_draws(flow, as_target(target, dim=flow.dim), _count("n", n), nan)
+    x, log_w = _weighted_draws(flow, as_target(target, dim=flow.dim), check_int("n", n, 1), nan)
     keep = torch.isfinite(log_w)
     if not bool(keep.any()):
         raise ValueError("no flow sample has a finite importance weight")
@@ -114,7 +109,7 @@ def independence_mh(flow, target, n_steps: int, x0: Tensor | None = None, batch_
     Returns:
         ``IMHResult(samples (n_steps, d), acceptance_rate, log_w (n_steps,))``.
     """
-    n_steps, batch_size = _count("n_steps", n_steps), _count("batch_size", batch_size)
+    n_steps, batch_size = check_int("n_steps", n_steps, 1), check_int("batch_size", batch_size, 1)
     target = as_target(target, dim=flow.dim)
     if x0 is None:  # the first proposal of positive weight (a state of zero weight never moves)
         x, lw = _weighted_draws(flow, target, batch_size, nan, generator)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from krflows._checks import check_int
 from krflows.diagnostics.conditioning import conditioning
 from krflows.diagnostics.distances import distances
 from krflows.diagnostics.modes import mode_search, mode_stats
@@ -107,8 +107,7 @@ def diagnose(flow, target, n: int = 20000, reference: Tensor | None = None,
         (1.0, 'no problems detected (ESS 1.00, forward ESS 1.00, k̂ -inf)')
     """
     check_nan_policy(nan)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
-        raise ValueError(f"n must be an integer >= 2 (flow samples), got {n!r}")
+    check_int("n", n, 2)
     target = as_target(target, dim=flow.dim)
     devices = [flow.device] if flow.device.type == "cuda" else []
     # a compiled flow runs eagerly here: each new batch shape would cost a compilation (minutes

@@ -4,13 +4,13 @@ of :math:`\mathrm{KL}(\cdot \,\|\, p)`; a baseline, and dynamics a flow's bias c
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from krflows._checks import check_int
 from krflows.targets import as_target
 
 __all__ = ["LangevinResult", "ula", "mala"]
@@ -37,8 +37,7 @@ def _setup(target, x0: Tensor, step: float, n_steps: int):
         raise ValueError(f"x0 must be a floating tensor of shape (*, d), got {type(x0).__name__}")
     if not step > 0:
         raise ValueError(f"step must be positive, got {step}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 0:
-        raise ValueError(f"n_steps must be an integer >= 0, got {n_steps!r}")
+    check_int("n_steps", n_steps, 0)
     return as_target(target, x0.shape[-1]).log_prob
 
 
