@@ -203,9 +203,8 @@ def _write_sites(pl_module, n: int, dirpath: str) -> list[str]:
     heading = "### posterior summary (flow draws)\n\n"
     if not bool(inside.all()):
         x = x[inside]
-        heading = (f"### posterior summary (flow draws)\n\n{x.shape[0]} of {n} draws: the other "
-                   f"{n - x.shape[0]} fell where the target's density is zero and are left out (here "
-                   "and in samples.pt)\n\n")
+        heading += (f"{x.shape[0]} of {n} draws: the other {n - x.shape[0]} fell where the target's "
+                    f"density is zero and are left out (here and in samples.pt)\n\n")
     table = summary(x, target=pl_module.target)
     paths = [os.path.join(dirpath, "summary.md")]
     with open(paths[0], "w") as f:

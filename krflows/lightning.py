@@ -202,10 +202,16 @@ class KRFlowModule(L.LightningModule):
         or the first run's when a checkpoint was resumed with another ``max_steps``."""
         return self._horizon or self.total_steps
 
+    @property
+    def lr_segment(self) -> tuple[int, float, int]:
+        """The learning rate's cosine: (start step, factor there, end step); from factor 1 at step 0
+        to ``max_steps`` unless a resumed checkpoint set another."""
+        return self._lr_segment or (0, 1.0, self.total_steps)
+
     def lr_factor(self, step: int) -> float:
         """The learning rate at ``step`` over ``lr``: a cosine to ``1/20`` at ``max_steps``;
         after a resume with another ``max_steps``, a cosine from the checkpoint's value."""
-        start, factor, end = self._lr_segment or (0, 1.0, self.total_steps)
+        start, factor, end = self.lr_segment
         floor = 1 / 20
         t = min(1.0, max(0.0, (step - start) / max(1, end - start)))
         return floor + (factor - floor) * 0.5 * (1 + math.cos(math.pi * t))
@@ -312,7 +318,7 @@ class KRFlowModule(L.LightningModule):
         checkpoint["krflows_flow"] = _flow_config_or_none(self.flow)
         checkpoint["krflows"] = {"dropped": self.dropped, "skipped": self.skipped,
                                  "warmed_up": self._warmed_up, "horizon": self.horizon,
-                                 "lr_segment": self._lr_segment or (0, 1.0, self.total_steps),
+                                 "lr_segment": self.lr_segment,
                                  "mixture": None if self.mixture is None else self.mixture.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
